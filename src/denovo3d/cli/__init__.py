@@ -1,0 +1,58 @@
+"""The ``denovo3d`` program: one entry point, one module per sub-command.
+
+Each sub-command module has a docstring (its help text, with an example), ``add_args(parser)``
+and ``main(args) -> int``. They are listed once in ``COMMANDS``. Bad input (``InputError``) is
+printed as one line on stderr with exit code 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from denovo3d import __version__
+from denovo3d.errors import InputError
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+# sub-command name -> module under denovo3d.cli
+COMMANDS: dict[str, str] = {
+    "inspect": "inspect",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="denovo3d",
+        description="De novo 3D initial models from cryo-ET subtomograms (RELION 4/5 projects).",
+    )
+    parser.add_argument("--version", action="version", version=f"denovo3d {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(f"denovo3d.cli.{module_name}")
+        doc = (module.__doc__ or "").strip()
+        p = sub.add_parser(
+            name,
+            help=doc.splitlines()[0] if doc else None,
+            description=doc,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_args(p)
+        p.set_defaults(_main=module.main)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``denovo3d``; returns the exit code (0 ok, 2 bad input)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._main(args) or 0)
+    except InputError as exc:
+        print(f"denovo3d {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Fourier-space helpers on ``torch.fft.rfftn`` half grids.
+
+Layout (pinned by tests): a real volume ``(z, y, x)`` of even box ``s`` with its centre at voxel
+``s // 2`` (RELION's convention) is transformed by :func:`centred_rfft` into ``(s, s, s // 2 + 1)``
+complex with the zero frequency at index 0 (``fftfreq`` order in z and y, ``kx = 0..s/2``). The
+forward transform is unnormalised (``norm="backward"``), so a central section of a 3D transform
+equals the 2D transform of the projection (sum along z), with no scale factor.
+
+Frequencies are in "pixels of frequency" (cycles per box); coordinates are passed as ``(..., 3)``
+in xyz order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "centred_irfft",
+    "centred_rfft",
+    "fourier_crop",
+    "fourier_pad",
+    "phase_shift",
+    "rfft_coords",
+    "rfft_radius",
+    "sample_rfft",
+]
+
+
+def centred_rfft(volume: torch.Tensor) -> torch.Tensor:
+    """``(.., s, s, s)`` real, centre at ``s//2`` -> ``(.., s, s, s//2+1)`` complex, origin at 0."""
+    shifted = torch.fft.ifftshift(volume, dim=(-3, -2, -1))
+    return torch.fft.rfftn(shifted, dim=(-3, -2, -1))
+
+
+def centred_irfft(ft: torch.Tensor, box: int | None = None) -> torch.Tensor:
+    """Inverse of :func:`centred_rfft`; ``box`` defaults to the y size of ``ft``."""
+    s = ft.shape[-2] if box is None else box
+    volume = torch.fft.irfftn(ft, s=(s, s, s), dim=(-3, -2, -1))
+    return torch.fft.fftshift(volume, dim=(-3, -2, -1))
+
+
+def rfft_coords(box: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Integer frequencies ``(s, s, s//2+1, 3)`` (kx, ky, kz) of the half grid, float32."""
+    k = torch.fft.fftfreq(box, 1.0 / box, device=device)
+    kx = torch.arange(box // 2 + 1, device=device, dtype=k.dtype)
+    kz, ky, kxx = torch.meshgrid(k, k, kx, indexing="ij")
+    return torch.stack([kxx, ky, kz], dim=-1)
+
+
+def rfft_radius(box: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Radius ``|k|`` in frequency pixels on the half grid, ``(s, s, s//2+1)`` float32."""
+    return rfft_coords(box, device).norm(dim=-1)
+
+
+def _wrapped_window(box_from: int, box_to: int, device: torch.device) -> torch.Tensor:
+    """Indices into an fftfreq axis of ``box_from`` for the frequencies of ``box_to`` (smaller)."""
+    k = torch.fft.fftfreq(box_to, 1.0 / box_to, device=device).long()
+    return k % box_from
+
+
+def fourier_crop(ft: torch.Tensor, box: int) -> torch.Tensor:
+    """Keep the frequencies of a smaller even box: ``(.., S, S, S//2+1)`` -> ``(.., s, s, s//2+1)``.
+
+    The values are kept as they are (no rescaling), so cropped transforms of data and reference
+    stay on the same scale; the Nyquist planes of the small box are zeroed to keep Friedel symmetry.
+    """
+    big = ft.shape[-2]
+    if box > big or box % 2:
+        raise ValueError(f"cannot crop a box of {big} to {box}")
+    idx = _wrapped_window(big, box, ft.device)
+    out = ft.index_select(-3, idx).index_select(-2, idx)[..., : box // 2 + 1].clone()
+    nyq = box // 2
+    out[..., nyq, :, :] = 0
+    out[..., :, nyq, :] = 0
+    out[..., :, :, nyq] = 0
+    return out
+
+
+def fourier_pad(ft: torch.Tensor, box: int) -> torch.Tensor:
+    """Inverse of :func:`fourier_crop`: place a small half grid into a larger one (zeros around)."""
+    small = ft.shape[-2]
+    if box < small:
+        raise ValueError(f"cannot pad a box of {small} to {box}")
+    out = ft.new_zeros((*ft.shape[:-3], box, box, box // 2 + 1))
+    idx = _wrapped_window(box, small, ft.device)
+    zz, yy = torch.meshgrid(idx, idx, indexing="ij")
+    out[..., zz, yy, : small // 2 + 1] = ft
+    return out
+
+
+def phase_shift(ft: torch.Tensor, shifts_px: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Translate real-space content by ``shifts_px`` (xyz, pixels) in Fourier space.
+
+    ``ft`` is ``(..., V)`` complex sampled at frequencies ``coords`` ``(V, 3)`` in cycles per
+    pixel (integer frequencies divided by the box). ``shifts_px`` is ``(..., 3)``. A positive
+    shift moves the content towards +x: ``F'(k) = F(k) exp(-2πi k·t)``.
+    """
+    phase = -2.0 * torch.pi * (shifts_px.to(coords.dtype) @ coords.T)
+    return ft * torch.polar(torch.ones_like(phase), phase)
+
+
+def sample_rfft(ft: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Trilinear samples of a half-grid transform at arbitrary frequencies, Friedel-aware.
+
+    ``ft``: ``(s, s, s//2+1)`` complex (or real, e.g. a CTF² volume). ``coords``: ``(..., 3)``
+    xyz frequencies in pixels of frequency, any sign. Points with ``kx < 0`` read ``conj(F(-k))``.
+    Samples whose neighbourhood reaches past Nyquist read zeros there. Returns ``(...)``.
+    """
+    s = ft.shape[-2]
+    half = s // 2 + 1
+    flip = coords[..., 0] < 0
+    k = torch.where(flip.unsqueeze(-1), -coords, coords)
+    k0 = torch.floor(k)
+    frac = k - k0
+    k0 = k0.long()
+    # one zero plane beyond kx = s/2 so that the +1 neighbour never indexes out of range
+    padded = torch.cat([ft, ft.new_zeros(s, s, 1)], dim=-1).reshape(-1)
+    out: torch.Tensor | None = None
+    for dz in (0, 1):
+        wz = frac[..., 2] if dz else 1 - frac[..., 2]
+        iz = (k0[..., 2] + dz) % s
+        for dy in (0, 1):
+            wy = frac[..., 1] if dy else 1 - frac[..., 1]
+            iy = (k0[..., 1] + dy) % s
+            for dx in (0, 1):
+                wx = frac[..., 0] if dx else 1 - frac[..., 0]
+                ix = (k0[..., 0] + dx).clamp(max=half)
+                value = padded[(iz * s + iy) * (half + 1) + ix]
+                term = value * (wz * wy * wx)
+                out = term if out is None else out + term
+    if out.is_complex():  # type: ignore[union-attr]
+        out = torch.where(flip, out.conj(), out)  # type: ignore[union-attr]
+    return out  # type: ignore[return-value]

@@ -1,0 +1,1 @@
+"""Geometry of the field: RELION Euler angles, orientation grids, point groups."""
