@@ -1,0 +1,312 @@
+"""Particle sets in Fourier space: what the engine sees of the data, whatever the file format.
+
+Every particle arrives as three half-grid tensors (``(b, s, s, s//2+1)``, :mod:`denovo3d.fourier`
+layout), cropped to the box the engine asks for:
+
+- ``data``: D, the CTF-premultiplied data (pseudo-subtomograms: the transform of the
+  ``rlnImageName`` volume; classic subtomograms: ``CTF · X``);
+- ``ctf2``: C = ΣCTF² (classic: ``CTF²``; 1 where a classic set has no CTF volume);
+- ``multiplicity``: M (classic: 1). Voxels with ``M < 0.01`` carry no data: D = C = M = 0 there,
+  as RELION's ``applySubtomoCorrection`` does.
+
+With that, one likelihood serves both formats (DESIGN §4). Reads are lazy, with a least-recently-
+used cache under a memory budget; ``preread`` loads everything at once.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from denovo3d.errors import InputError
+from denovo3d.fourier import centred_rfft, fourier_crop
+from denovo3d.io.mrc import read_header, read_mrc
+from denovo3d.io.particles_star import ParticleTables, read_particle_tables, resolve_project_path
+
+__all__ = ["MULTIPLICITY_THRESHOLD", "ParticleBatch", "ParticleSet", "load_particle_set"]
+
+MULTIPLICITY_THRESHOLD = 0.01  # RELION's --subtomo_multi_thr
+_BYTES_PER_VOXEL = 16  # complex64 data + float32 ctf2 + float32 multiplicity
+
+
+@dataclass(frozen=True)
+class ParticleBatch:
+    """Fourier-space tensors of ``b`` particles at box ``s`` (see the module docstring)."""
+
+    indices: torch.Tensor  # (b,) int64, rows of the particle table
+    data: torch.Tensor  # (b, s, s, s//2+1) complex64
+    ctf2: torch.Tensor  # (b, s, s, s//2+1) float32
+    multiplicity: torch.Tensor  # (b, s, s, s//2+1) float32
+
+    @property
+    def box(self) -> int:
+        return int(self.data.shape[-2])
+
+
+def _read_weights_pseudo(path: Path, box: int, row: int) -> tuple[np.ndarray, np.ndarray]:
+    """RELION-4 weights: MRC (nx, ny, nz) = (s/2+1, s, 2s); z [0, s) ΣCTF², [s, 2s) multiplicity."""
+    volume, _ = read_mrc(path)
+    expected = (2 * box, box, box // 2 + 1)
+    if volume.shape != expected:
+        raise InputError(
+            path,
+            f"weights volume has shape (z, y, x) {volume.shape}, expected {expected} "
+            f"(RELION-4 pseudo-subtomogram layout for box {box})",
+            row=row,
+            label="rlnCtfImage",
+        )
+    ctf2, multiplicity = volume[:box], volume[box:]
+    if (multiplicity < 0).any():
+        raise InputError(
+            path,
+            f"negative multiplicity (min {multiplicity.min():g}) in the weights volume",
+            row=row,
+            label="rlnCtfImage",
+        )
+    return ctf2, multiplicity
+
+
+def _read_ctf_classic(path: Path, box: int, row: int) -> np.ndarray:
+    """A classic 3D CTF: full centred cube (RELION reads it at -k) or an FFTW half volume."""
+    volume, _ = read_mrc(path)
+    if volume.shape == (box, box, box // 2 + 1):
+        return volume
+    if volume.shape == (box, box, box):
+        # centred cube: value of frequency k sits at index s/2 - k (RELION's index negation)
+        k = np.fft.fftfreq(box, 1.0 / box).astype(int)
+        kx = np.arange(box // 2 + 1)
+        iz = (box // 2 - k) % box
+        ix = (box // 2 - kx) % box
+        return volume[np.ix_(iz, iz, ix)]
+    raise InputError(
+        path,
+        f"3D CTF volume has shape (z, y, x) {volume.shape}, expected a full "
+        f"cube {(box,) * 3} or a half volume {(box, box, box // 2 + 1)}",
+        row=row,
+        label="rlnCtfImage",
+    )
+
+
+class ParticleSet:
+    """A validated particle set whose volumes are read on demand (see the module docstring)."""
+
+    def __init__(self, tables: ParticleTables, memory_budget_bytes: int = 4 << 30) -> None:
+        self.tables = tables
+        self.memory_budget_bytes = int(memory_budget_bytes)
+        self._cache: OrderedDict[int, tuple[torch.Tensor, ...]] = OrderedDict()
+        self._cache_box = tables.box
+        self._cache_bytes = 0
+
+    # ---- description ---------------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        return len(self.tables.particles)
+
+    @property
+    def box(self) -> int:
+        return self.tables.box
+
+    @property
+    def pixel_size_a(self) -> float:
+        return self.tables.pixel_size_a
+
+    @property
+    def kind(self) -> str:
+        return self.tables.kind
+
+    @property
+    def path(self) -> Path:
+        return self.tables.particles_path
+
+    @property
+    def table(self) -> pd.DataFrame:
+        return self.tables.particles
+
+    @property
+    def optics(self) -> pd.DataFrame:
+        return self.tables.optics
+
+    @property
+    def random_subset(self) -> np.ndarray:
+        """Half-set of each particle (1 or 2): rlnRandomSubset, else alternating as RELION does."""
+        if "rlnRandomSubset" in self.table.columns:
+            return self.table["rlnRandomSubset"].astype(int).to_numpy()
+        return (np.arange(self.n) % 2 + 1).astype(int)
+
+    def file_path(self, row: int, label: str) -> Path:
+        return resolve_project_path(str(self.table[label].iloc[row]), self.tables.project_dir)
+
+    # ---- validation of the files (headers only: cheap) -----------------------------------
+    def check_files(self) -> None:
+        """Check that every file exists and has the right shape and voxel size (headers only)."""
+        s = self.box
+        for row in range(self.n):
+            data_path = self.file_path(row, "rlnImageName")
+            if not data_path.is_file():
+                raise InputError(data_path, "file not found", row=row + 1, label="rlnImageName")
+            header = read_header(data_path)
+            if header.shape != (s, s, s):
+                what = "a 2D image or stack" if header.shape[0] != header.shape[1] else "a volume"
+                raise InputError(
+                    data_path,
+                    f"{what} of shape (z, y, x) {header.shape}, expected "
+                    f"{(s, s, s)} (rlnImageSize {s} in data_optics)",
+                    row=row + 1,
+                    label="rlnImageName",
+                )
+            voxel = header.voxel_size_a
+            if voxel > 0 and abs(voxel - self.pixel_size_a) > 0.01 * self.pixel_size_a:
+                raise InputError(
+                    data_path,
+                    f"voxel size {voxel:g} Å in the MRC header, "
+                    f"{self.pixel_size_a:g} Å in data_optics",
+                    row=row + 1,
+                    label="rlnImageName",
+                )
+            if "rlnCtfImage" in self.table.columns:
+                ctf_path = self.file_path(row, "rlnCtfImage")
+                if not ctf_path.is_file():
+                    raise InputError(ctf_path, "file not found", row=row + 1, label="rlnCtfImage")
+                shape = read_header(ctf_path).shape
+                allowed = (
+                    [(2 * s, s, s // 2 + 1)]
+                    if self.kind == "pseudo"
+                    else [(s, s, s), (s, s, s // 2 + 1)]
+                )
+                if shape not in allowed:
+                    raise InputError(
+                        ctf_path,
+                        f"weights volume has shape (z, y, x) {shape}, "
+                        f"expected {' or '.join(map(str, allowed))}",
+                        row=row + 1,
+                        label="rlnCtfImage",
+                    )
+
+    # ---- reading -------------------------------------------------------------------------
+    def _read_one(self, row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Real-space data and half-grid C, M of one particle, as numpy arrays."""
+        s = self.box
+        data_path = self.file_path(row, "rlnImageName")
+        data, _ = read_mrc(data_path)
+        if data.shape != (s, s, s):
+            raise InputError(
+                data_path,
+                f"volume of shape {data.shape}, expected {(s, s, s)}",
+                row=row + 1,
+                label="rlnImageName",
+            )
+        half = (s, s, s // 2 + 1)
+        has_ctf = "rlnCtfImage" in self.table.columns
+        if self.kind == "pseudo":
+            ctf2, mult = _read_weights_pseudo(self.file_path(row, "rlnCtfImage"), s, row + 1)
+        elif has_ctf:
+            ctf = _read_ctf_classic(self.file_path(row, "rlnCtfImage"), s, row + 1)
+            ctf2, mult = ctf, np.ones(half, np.float32)  # ctf itself; squared after the FFT
+        else:
+            ctf2, mult = np.ones(half, np.float32), np.ones(half, np.float32)
+        return data, ctf2, mult
+
+    def _read_rows(self, rows: Sequence[int], threads: int) -> tuple[torch.Tensor, ...]:
+        if threads > 1 and len(rows) > 1:
+            with ThreadPoolExecutor(threads) as pool:
+                items = list(pool.map(self._read_one, rows))
+        else:
+            items = [self._read_one(r) for r in rows]
+        data = centred_rfft(torch.from_numpy(np.stack([it[0] for it in items])))
+        weights = torch.from_numpy(np.stack([it[1] for it in items]))
+        mult = torch.from_numpy(np.stack([it[2] for it in items]))
+        if self.kind == "classic" and "rlnCtfImage" in self.table.columns:
+            data = data * weights  # D = CTF · X, C = CTF²
+            weights = weights * weights
+        empty = mult < MULTIPLICITY_THRESHOLD
+        data = data.masked_fill(empty, 0).to(torch.complex64)
+        weights = weights.masked_fill(empty, 0).float()
+        mult = mult.masked_fill(empty, 0).float()
+        if self._cache_box < self.box:
+            data, weights, mult = (fourier_crop(t, self._cache_box) for t in (data, weights, mult))
+        return data, weights, mult
+
+    def set_cache_box(self, box: int) -> None:
+        """Declare the largest box the caller will ask for, so the cache holds only that much."""
+        box = min(int(box), self.box)
+        if box != self._cache_box:
+            if box > self._cache_box:
+                self._cache.clear()
+                self._cache_bytes = 0
+            else:
+                for key, tensors in self._cache.items():
+                    self._cache[key] = tuple(fourier_crop(t, box) for t in tensors)
+                self._cache_bytes = len(self._cache) * self._bytes_per_particle(box)
+            self._cache_box = box
+
+    @staticmethod
+    def _bytes_per_particle(box: int) -> int:
+        return box * box * (box // 2 + 1) * _BYTES_PER_VOXEL
+
+    def load(
+        self,
+        indices: Sequence[int] | np.ndarray | torch.Tensor,
+        box: int | None = None,
+        device: torch.device | str = "cpu",
+        threads: int = 1,
+    ) -> ParticleBatch:
+        """Particles ``indices`` (table rows, from 0) as a :class:`ParticleBatch` at ``box``."""
+        rows = [int(i) for i in torch.as_tensor(indices).reshape(-1).tolist()]
+        box = self._cache_box if box is None else int(box)
+        if box > self._cache_box:
+            self.set_cache_box(box)
+        missing = [r for r in rows if r not in self._cache]
+        if missing:
+            fresh = self._read_rows(missing, threads)
+            per = self._bytes_per_particle(self._cache_box)
+            for j, r in enumerate(missing):
+                self._cache[r] = tuple(t[j].clone() for t in fresh)
+                self._cache_bytes += per
+        for r in rows:
+            self._cache.move_to_end(r)
+        tensors = [torch.stack([self._cache[r][k] for r in rows]) for k in range(3)]
+        self._evict()
+        if box < self._cache_box:
+            tensors = [fourier_crop(t, box) for t in tensors]
+        data, ctf2, mult = (t.to(device) for t in tensors)
+        return ParticleBatch(torch.tensor(rows, dtype=torch.int64, device=device), data, ctf2, mult)
+
+    def _evict(self) -> None:
+        per = self._bytes_per_particle(self._cache_box)
+        while self._cache and self._cache_bytes > self.memory_budget_bytes:
+            self._cache.popitem(last=False)
+            self._cache_bytes -= per
+
+    def preread(self, threads: int = 1, chunk: int = 64) -> None:
+        """Read every particle into the cache now (``--preread_images``)."""
+        needed = self.n * self._bytes_per_particle(self._cache_box)
+        if needed > self.memory_budget_bytes:
+            raise InputError(
+                self.path,
+                f"pre-reading {self.n} particles of box "
+                f"{self._cache_box} needs {needed / 2**30:.1f} GiB, more than the "
+                f"memory budget of {self.memory_budget_bytes / 2**30:.1f} GiB",
+            )
+        for start in range(0, self.n, chunk):
+            self.load(range(start, min(start + chunk, self.n)), threads=threads)
+
+
+def load_particle_set(
+    path: str | Path,
+    project_dir: str | Path | None = None,
+    *,
+    memory_budget_bytes: int = 4 << 30,
+    check_files: bool = True,
+) -> ParticleSet:
+    """Read and check a particles.star or optimisation_set.star (headers of all files too)."""
+    particle_set = ParticleSet(read_particle_tables(path, project_dir), memory_budget_bytes)
+    if check_files:
+        particle_set.check_files()
+    return particle_set

@@ -1,0 +1,89 @@
+"""Reading RELION-format particle sets that our simulator did not write."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from denovo3d.cli import main
+from denovo3d.fourier import centred_rfft, fourier_crop
+from denovo3d.particles import load_particle_set
+from tests.relion_layout import make_pseudo_subtomo_project, write_volume
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    monkeypatch.chdir(tmp_path)  # RELION resolves paths from the project directory
+    return make_pseudo_subtomo_project(tmp_path)
+
+
+@pytest.mark.parametrize("entry", ["particles", "optimisation_set"])
+def test_reads_relion4_pseudo_subtomograms(project: dict, entry: str) -> None:
+    ps = load_particle_set(project[entry])
+    assert (ps.n, ps.box, ps.kind) == (6, 16, "pseudo")
+    assert ps.pixel_size_a == pytest.approx(5.4)
+    batch = ps.load([1, 4])
+    data, ctf2, mult = project["volumes"][4]
+    empty = mult < 0.01
+    expected = centred_rfft(torch.from_numpy(data)).masked_fill(torch.from_numpy(empty), 0)
+    torch.testing.assert_close(batch.data[1], expected.to(torch.complex64), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(batch.ctf2[1], torch.from_numpy(np.where(empty, 0, ctf2)))
+    torch.testing.assert_close(batch.multiplicity[1], torch.from_numpy(np.where(empty, 0, mult)))
+    assert batch.indices.tolist() == [1, 4]
+
+
+def test_weights_layout_is_fftw_half_grid(project: dict) -> None:
+    # a weights volume that is a pure function of |k| must come back as that function of |k|
+    root = Path.cwd()
+    box = 16
+    k = torch.fft.fftfreq(box, 1 / box)
+    kz, ky, kx = torch.meshgrid(k, k, torch.arange(box // 2 + 1.0), indexing="ij")
+    radius = (kx**2 + ky**2 + kz**2).sqrt().numpy().astype(np.float32)
+    name = project["job"] / "Subtomograms" / "TS_01" / "1_weights.mrc"
+    write_volume(root / name, np.concatenate([radius, np.ones_like(radius)]), 1 / 5.4)
+    batch = load_particle_set(project["particles"]).load([0])
+    torch.testing.assert_close(batch.ctf2[0], torch.from_numpy(radius))
+
+
+def test_float16_volumes_and_cropping(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    proj = make_pseudo_subtomo_project(tmp_path, n=2, float16=True)
+    ps = load_particle_set(proj["particles"])
+    full = ps.load([0])
+    small = ps.load([0], box=8)
+    assert small.data.shape == (1, 8, 8, 5) and small.data.dtype == torch.complex64
+    torch.testing.assert_close(small.data, fourier_crop(full.data, 8))
+
+
+def test_paths_resolve_from_a_parent_when_run_elsewhere(
+    project: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    ps = load_particle_set(project["particles"].resolve())
+    assert ps.tables.project_dir == tmp_path
+    assert ps.load([0]).data.shape == (1, 16, 16, 9)
+
+
+def test_memory_budget_bounds_the_cache(project: dict) -> None:
+    per = 16 * 16 * 9 * 16
+    ps = load_particle_set(project["particles"], memory_budget_bytes=3 * per)
+    for i in range(6):
+        ps.load([i])
+    assert len(ps._cache) == 3 and ps._cache_bytes <= 3 * per
+
+
+def test_inspect_prints_summary(project: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(project["optimisation_set"])]) == 0
+    out = capsys.readouterr().out
+    assert "Particles         6 in 2 tomogram(s)" in out
+    assert "RELION-4 pseudo-subtomograms" in out
+    assert "16 px at 5.400 Å" in out
+    assert "TS_01: 3, TS_03: 3" in out
+    # 2 of the 9 x-planes are empty in every particle: coverage is below 100 %
+    assert "% of Fourier voxels inside Nyquist carry data" in out
+    assert "Problems          none" in out
