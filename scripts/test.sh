@@ -4,5 +4,5 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 ./scripts/setup.sh --test
-.venv/bin/ruff check src tests benchmarks
+.venv/bin/ruff check .
 exec .venv/bin/python -m pytest "$@"
