@@ -98,3 +98,50 @@ def make_pseudo_subtomo_project(
         opt_path,
     )
     return {"particles": particles_path, "optimisation_set": opt_path, "volumes": truth, "job": job}
+
+
+def make_classic_subtomo_project(
+    root: Path,
+    n: int = 3,
+    box: int = 16,
+    pixel_size: float = 5.4,
+    ctf_layout: str = "cube",
+    seed: int = 1,
+) -> dict:
+    """RELION-3.1-style classic subtomograms: real-space volumes plus a 3D CTF per particle.
+
+    ``ctf_layout`` "cube": the full centred (``s³``) CTF RELION's ``--reconstruct_ctf`` writes;
+    "half": an FFTW half volume ``(s, s, s/2+1)``; "none": no rlnCtfImage column.
+    """
+    rng = np.random.default_rng(seed)
+    rows, volumes = [], []
+    for i in range(n):
+        stem = Path("Subtomograms") / f"TS_01_{i + 1:03d}"
+        data = rng.normal(size=(box,) * 3).astype(np.float32)
+        write_volume(root / f"{stem}.mrc", data, pixel_size)
+        row = {"rlnImageName": f"{stem}.mrc", "rlnMicrographName": "TS_01", "rlnOpticsGroup": 1}
+        ctf = None
+        if ctf_layout != "none":
+            ctf = rng.uniform(
+                -1, 1, size=(box, box, box) if ctf_layout == "cube" else (box, box, box // 2 + 1)
+            ).astype(np.float32)
+            write_volume(root / f"{stem}_ctf.mrc", ctf, pixel_size)
+            row["rlnCtfImage"] = f"{stem}_ctf.mrc"
+        rows.append(row)
+        volumes.append((data, ctf))
+    optics = pd.DataFrame(
+        [
+            {
+                "rlnOpticsGroup": 1,
+                "rlnImagePixelSize": pixel_size,
+                "rlnImageSize": box,
+                "rlnImageDimensionality": 3,
+                "rlnVoltage": 300.0,
+                "rlnSphericalAberration": 2.7,
+                "rlnAmplitudeContrast": 0.07,
+            }
+        ]
+    )
+    path = root / "particles_classic.star"
+    starfile.write({"optics": optics, "particles": pd.DataFrame(rows)}, path)
+    return {"particles": path, "volumes": volumes}

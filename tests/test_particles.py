@@ -11,7 +11,11 @@ import torch
 from denovo3d.cli import main
 from denovo3d.fourier import centred_rfft, fourier_crop
 from denovo3d.particles import load_particle_set
-from tests.relion_layout import make_pseudo_subtomo_project, write_volume
+from tests.relion_layout import (
+    make_classic_subtomo_project,
+    make_pseudo_subtomo_project,
+    write_volume,
+)
 
 
 @pytest.fixture
@@ -87,3 +91,34 @@ def test_inspect_prints_summary(project: dict, capsys: pytest.CaptureFixture[str
     # 2 of the 9 x-planes are empty in every particle: coverage is below 100 %
     assert "% of Fourier voxels inside Nyquist carry data" in out
     assert "Problems          none" in out
+
+
+@pytest.mark.parametrize("layout", ["cube", "half", "none"])
+def test_classic_subtomograms_become_premultiplied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    proj = make_classic_subtomo_project(tmp_path, ctf_layout=layout)
+    ps = load_particle_set(proj["particles"])
+    assert ps.kind == "classic"
+    batch = ps.load([2])
+    data, ctf = proj["volumes"][2]
+    box = 16
+    x = centred_rfft(torch.from_numpy(data).double())
+    if layout == "none":
+        ctf_half = torch.ones(box, box, box // 2 + 1, dtype=torch.float64)
+    elif layout == "half":
+        ctf_half = torch.from_numpy(ctf).double()
+    else:
+        # RELION reads a centred cube at -k: frequency (kz, ky, kx) sits at index s/2 - k
+        k = np.fft.fftfreq(box, 1 / box).astype(int)
+        ctf_half = torch.empty(box, box, box // 2 + 1, dtype=torch.float64)
+        for iz, kz in enumerate(k):
+            for iy, ky in enumerate(k):
+                for kx in range(box // 2 + 1):
+                    ctf_half[iz, iy, kx] = float(
+                        ctf[(box // 2 - kz) % box, (box // 2 - ky) % box, (box // 2 - kx) % box]
+                    )
+    torch.testing.assert_close(batch.data[0].cdouble(), x * ctf_half, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(batch.ctf2[0].double(), ctf_half**2, rtol=1e-5, atol=1e-6)
+    assert float(batch.multiplicity.min()) == 1.0
