@@ -28,6 +28,13 @@ if [ "${1:-}" = "--test" ]; then
                  && apt-get install -y --no-install-recommends relion >/dev/null 2>&1; }) \
             || echo "setup: could not install Debian's relion; RELION convention tests will skip" >&2
     fi
+    if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+        && [ "$(id -u)" = 0 ]; then
+        (apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 \
+            || { apt-get update >/dev/null 2>&1 \
+                 && apt-get install -y --no-install-recommends chromium >/dev/null 2>&1; }) \
+            || echo "setup: could not install Debian's chromium; the report rendering test will skip" >&2
+    fi
 else
     "${pip[@]}" install -e .
 fi

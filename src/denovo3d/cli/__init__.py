@@ -20,6 +20,8 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 # sub-command name -> module under denovo3d.cli
 COMMANDS: dict[str, str] = {
     "inspect": "inspect",
+    "report": "report",
+    "flip-hand": "flip_hand",
 }
 
 
