@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from denovo3d.io.mrc import read_mrc
 from denovo3d.report._job import Job
@@ -126,7 +126,7 @@ def final_model_figure(path: Path) -> Figure:
 def convergence_figure(table: pd.DataFrame) -> Figure:
     """Six panels of :func:`convergence_table` columns against iteration; absent ones say so."""
     fig = Figure(figsize=(13, 7), layout="constrained")
-    axes = fig.subplots(2, 3).ravel()
+    axes = fig.subplots(2, 3, sharex=True).ravel()
     x = table["iteration"]
     cls_cols = sorted(c for c in table if re.fullmatch(r"class\d+_fraction", c))
 
@@ -158,6 +158,7 @@ def convergence_figure(table: pd.DataFrame) -> Figure:
         ]
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("iteration", fontsize=9)
+        ax.xaxis.set_tick_params(labelbottom=True)
         ax.grid(alpha=0.3)
         if not any(drawn):
             ax.text(
@@ -172,6 +173,9 @@ def convergence_figure(table: pd.DataFrame) -> Figure:
         elif sum(drawn) > 1:
             ax.legend(fontsize=8)
     axes[0].invert_yaxis()
+    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
+    span = max(float(x.max() - x.min()), 1.0)
+    axes[0].set_xlim(x.min() - 0.05 * span, x.max() + 0.05 * span)
     changes = table.get("class_change_pct")
     if changes is not None and changes.fillna(0).max() > 0:
         twin = axes[3].twinx()
@@ -183,31 +187,45 @@ def convergence_figure(table: pd.DataFrame) -> Figure:
 
 
 def angular_figure(data: pd.DataFrame, iteration: int) -> Figure | None:
-    """Mollweide map of the projection directions (longitude rot, latitude 90° − tilt)."""
+    """Mollweide map of the projection directions (longitude rot, latitude 90° − tilt).
+
+    Particles sharing a direction (to 0.5°) are drawn as one marker of area ∝ their number.
+    """
     if not {"rlnAngleRot", "rlnAngleTilt"} <= set(data.columns):
         return None
-    rot = np.deg2rad((data["rlnAngleRot"].to_numpy(float) + 180) % 360 - 180)
-    lat = np.deg2rad(90 - data["rlnAngleTilt"].to_numpy(float))
-    cls = (
-        data["rlnClassNumber"].to_numpy(int)
-        if "rlnClassNumber" in data
-        else np.ones(len(data), int)
+    rot = (data["rlnAngleRot"].to_numpy(float) + 180) % 360 - 180
+    table = pd.DataFrame(
+        {
+            "lon": np.round(2 * rot) / 2,
+            "lat": np.round(2 * (90 - data["rlnAngleTilt"].to_numpy(float))) / 2,
+            "cls": data["rlnClassNumber"].to_numpy(int) if "rlnClassNumber" in data else 1,
+        }
     )
+    points = table.groupby(["lon", "lat", "cls"]).size().rename("n").reset_index()
     fig = Figure(figsize=(8, 4.6), layout="constrained")
     ax = fig.add_subplot(projection="mollweide")
-    alpha = float(np.clip(400 / max(len(data), 1), 0.08, 0.8))
-    size = float(np.clip(2000 / max(len(data), 1), 4, 24))
-    for k in np.unique(cls):
-        sel = cls == k
-        ax.scatter(rot[sel], lat[sel], s=size, alpha=alpha, label=f"class {k} ({sel.sum()})", lw=0)
+    base = float(np.clip(2000 / max(len(data), 1), 3, 24))
+    base = min(base, 600.0 / points["n"].max())  # the largest marker stays ≤ 600 pt²
+    alpha = float(np.clip(300 / max(len(points), 1), 0.15, 0.8))
+    for k, group in points.groupby("cls"):
+        ax.scatter(
+            np.deg2rad(group["lon"]),
+            np.deg2rad(group["lat"]),
+            s=base * group["n"],
+            alpha=alpha,
+            lw=0,
+            label=f"class {k} ({group['n'].sum()})",
+        )
     ax.grid(alpha=0.4)
+    ax.tick_params(labelsize=8)
+    shared = " (marker area ∝ particles)" if points["n"].max() > 1 else ""
     ax.set_title(
-        f"Projection directions of {len(data)} particles at iteration {iteration}"
-        " (longitude: rot; tilt 0° at the top)",
+        f"Projection directions of {len(data)} particles at iteration {iteration}{shared};"
+        " longitude: rot, tilt 0° at the top",
         fontsize=10,
     )
-    if len(np.unique(cls)) > 1:
-        ax.legend(loc="lower right", fontsize=8, markerscale=2)
+    if points["cls"].nunique() > 1:
+        ax.legend(loc="lower right", fontsize=8, markerscale=1)
     return fig
 
 
