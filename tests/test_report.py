@@ -17,7 +17,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from denovo3d.chimerax import point_group_axes
+from denovo3d.chimerax import (
+    SymmetryAxis,
+    enclosing_level,
+    expected_volume_a3,
+    point_group_axes,
+    symmetry_axes_from_files,
+)
 from denovo3d.cli import main as cli_main
 from denovo3d.cli.flip_hand import flip_hand
 from denovo3d.io.mrc import read_mrc, write_mrc
@@ -263,3 +269,30 @@ def test_shell_fsc_of_a_map_with_itself_and_with_noise() -> None:
     assert np.allclose(shell_fsc(a, a), 1.0)
     f = shell_fsc(a + rng.normal(0, 0.05, a.shape), a + rng.normal(0, 0.05, a.shape))
     assert f.shape == (BOX // 2 + 1,) and f[2] > 0.9 and f[-1] < f[2]
+
+
+def test_axes_read_from_what_the_symmetry_step_wrote(tmp_path: Path) -> None:
+    (tmp_path / "symmetry.json").write_text(json.dumps({"axes": [{"axis": [0, 0, 2], "fold": 6}]}))
+    axes, source = symmetry_axes_from_files([tmp_path / "symmetry.json"])
+    assert axes == [SymmetryAxis((0.0, 0.0, 1.0), 6)] and "symmetry.json" in source
+    table = pd.DataFrame({"rlnAxisX": [1.0, 0.0], "rlnAxisY": [0.0, 0.0], "rlnAxisZ": [0.0, 1.0]})
+    write_star(tmp_path / "axes.star", {"symmetry_axes": table})
+    axes, _ = symmetry_axes_from_files([tmp_path / "axes.star"])
+    assert [a.direction_xyz for a in axes] == [(1.0, 0.0, 0.0), (0.0, 0.0, 1.0)]
+    write_star(tmp_path / "sym.star", {"symmetry": {"rlnSymmetryGroup": "C3"}})
+    axes, source = symmetry_axes_from_files([tmp_path / "sym.star"])
+    assert [a.fold for a in axes] == [3] and "C3" in source
+
+
+def test_enclosing_level_encloses_the_expected_volume() -> None:
+    volume = TRUTH[1]
+    level = enclosing_level(volume, APIX, expected_volume_a3(60.0))
+    enclosed_a3 = (volume >= level).sum() * APIX**3
+    assert enclosed_a3 == pytest.approx(expected_volume_a3(60.0), rel=0.01)
+
+
+def test_report_of_a_missing_directory_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli_main(["report", str(tmp_path / "nowhere")]) == 2
+    assert "not a directory" in capsys.readouterr().err

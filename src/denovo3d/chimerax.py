@@ -15,6 +15,7 @@ one, else from the point group's axes in RELION's standard orientation (which
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -24,7 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from denovo3d.errors import InputError
 from denovo3d.io.atomic import atomic_path
+from denovo3d.io.mrc import read_mrc
+from denovo3d.io.star import read_star
+from denovo3d.report import Job
 
 __all__ = [
     "PROTEIN_FILL",
@@ -32,6 +37,8 @@ __all__ = [
     "enclosing_level",
     "expected_volume_a3",
     "point_group_axes",
+    "symmetry_axes_from_files",
+    "write_job_view",
     "write_view_cxc",
 ]
 
@@ -146,6 +153,7 @@ def write_view_cxc(
     path = Path(path)
     lines = [
         "# denovo3d: open the final maps in ChimeraX (File > Open, or: chimerax view.cxc)",
+        "# in a fresh session: the commands below number the maps #1, #2, ...",
         f"# threshold: level enclosing {PROTEIN_FILL:g} of a sphere of the particle diameter",
     ]
     for i, (file, volume, voxel) in enumerate(maps, start=1):
@@ -162,10 +170,9 @@ def write_view_cxc(
         )
     if maps and axes:
         file, volume, voxel = maps[0]
-        s = volume.shape[-1]
-        centre = np.full(3, (s // 2) * voxel)
-        half = 0.55 * s * voxel
-        radius = max(0.008 * s * voxel, 0.5 * voxel)
+        centre = np.array([n // 2 for n in volume.shape[::-1]], float) * voxel  # xyz Å
+        half = 0.55 * max(volume.shape) * voxel
+        radius = max(0.008 * max(volume.shape) * voxel, 0.5 * voxel)
         lines.append(f"# symmetry axes ({axes_source or 'point group'}), through the box centre")
         for j, ax in enumerate(axes, start=1):
             u = np.asarray(ax.direction_xyz, float)
@@ -231,10 +238,6 @@ def symmetry_axes_from_files(files: Sequence[Path]) -> tuple[list[SymmetryAxis],
     point group named in the file (JSON ``group``/``best``..., STAR ``rlnSymmetryGroup``) gives
     RELION's standard axes. Returns the axes and a note on where they came from.
     """
-    import json
-
-    from denovo3d.io.star import read_star
-
     axes: list[SymmetryAxis] = []
     groups: list[str] = []
     for file in files:
@@ -268,3 +271,34 @@ def symmetry_axes_from_files(files: Sequence[Path]) -> tuple[list[SymmetryAxis],
         if found:
             return found, f"point group {group.upper()} in RELION's standard orientation"
     return [], ""
+
+
+def write_job_view(job: Job) -> Path | None:
+    """Write ``view.cxc`` in the job directory for initial_model.mrc and the last classes."""
+    last = next((it for it in reversed(job.iterations) if it.classes), None)
+    files = [job.initial_model] if job.initial_model else []
+    files += [last.classes[k] for k in sorted(last.classes)] if last else []
+    maps = []
+    for file in files:
+        try:
+            maps.append((file, *read_mrc(file)))
+        except InputError as exc:
+            job.notes.append(str(exc))
+    if not maps:
+        return None
+    diameter = None
+    opt = next(
+        (i.stars["optimiser"] for i in reversed(job.iterations) if "optimiser" in i.stars), None
+    )
+    if opt is not None:
+        try:
+            diameter = float(read_star(opt)["optimiser_general"]["rlnParticleDiameter"])
+        except (InputError, KeyError, TypeError, ValueError):
+            job.notes.append(f"{opt.name}: no rlnParticleDiameter; threshold from the box size")
+    axis_files = (
+        job.symmetry_files
+        + sorted(job.directory.glob("*axes*.json"))
+        + sorted(job.directory.glob("*axes*.star"))
+    )
+    axes, source = symmetry_axes_from_files(axis_files) if job.initial_model else ([], "")
+    return write_view_cxc(job.directory / "view.cxc", maps, diameter, axes, source)
