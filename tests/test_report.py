@@ -296,3 +296,19 @@ def test_report_of_a_missing_directory_is_one_line(
 ) -> None:
     assert cli_main(["report", str(tmp_path / "nowhere")]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_angular_plot_of_many_particles_is_a_density() -> None:
+    from denovo3d.report._figures import angular_figure, png_bytes
+
+    rng = np.random.default_rng(2)
+    n = 2000
+    poses = pd.DataFrame(
+        {
+            "rlnAngleRot": rng.uniform(-180, 180, n),
+            "rlnAngleTilt": np.rad2deg(np.arccos(rng.uniform(-1, 1, n))),
+        }
+    )
+    fig = angular_figure(poses, 7)
+    assert fig is not None and "equal-area bins" in fig.axes[0].get_title()
+    assert png_bytes(fig)[:8] == b"\x89PNG\r\n\x1a\n"

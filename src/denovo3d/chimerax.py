@@ -186,6 +186,7 @@ def write_view_cxc(
     lines += ["lighting soft", "view"]
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
+    path.chmod(0o644)  # atomic_path's temporary file is private (0600)
     return path
 
 

@@ -22,6 +22,7 @@ from denovo3d.io.mrc import read_mrc
 from denovo3d.report._job import Job
 
 __all__ = [
+    "MAX_ANGULAR_MARKERS",
     "MAX_STRIP_ITERATIONS",
     "angular_figure",
     "class_strip",
@@ -186,46 +187,52 @@ def convergence_figure(table: pd.DataFrame) -> Figure:
     return fig
 
 
+MAX_ANGULAR_MARKERS = 400
+
+
 def angular_figure(data: pd.DataFrame, iteration: int) -> Figure | None:
     """Mollweide map of the projection directions (longitude rot, latitude 90° − tilt).
 
-    Particles sharing a direction (to 0.5°) are drawn as one marker of area ∝ their number.
+    Up to ``MAX_ANGULAR_MARKERS`` distinct directions (to 0.5°): one marker per direction and
+    class, of area ∝ its particles. More: counts in equal-area bins, about 10 particles per bin.
     """
     if not {"rlnAngleRot", "rlnAngleTilt"} <= set(data.columns):
         return None
-    rot = (data["rlnAngleRot"].to_numpy(float) + 180) % 360 - 180
-    table = pd.DataFrame(
-        {
-            "lon": np.round(2 * rot) / 2,
-            "lat": np.round(2 * (90 - data["rlnAngleTilt"].to_numpy(float))) / 2,
-            "cls": data["rlnClassNumber"].to_numpy(int) if "rlnClassNumber" in data else 1,
-        }
-    )
+    lon = (data["rlnAngleRot"].to_numpy(float) + 180) % 360 - 180
+    lat = 90 - data["rlnAngleTilt"].to_numpy(float)
+    cls = data["rlnClassNumber"].to_numpy(int) if "rlnClassNumber" in data else 1
+    table = pd.DataFrame({"lon": np.round(2 * lon) / 2, "lat": np.round(2 * lat) / 2, "cls": cls})
     points = table.groupby(["lon", "lat", "cls"]).size().rename("n").reset_index()
-    fig = Figure(figsize=(8, 4.6), layout="constrained")
+    fig = Figure(figsize=(8.4, 4.6), layout="constrained")
     ax = fig.add_subplot(projection="mollweide")
-    base = float(np.clip(2000 / max(len(data), 1), 3, 24))
-    base = min(base, 600.0 / points["n"].max())  # the largest marker stays ≤ 600 pt²
-    alpha = float(np.clip(300 / max(len(points), 1), 0.15, 0.8))
-    for k, group in points.groupby("cls"):
-        ax.scatter(
-            np.deg2rad(group["lon"]),
-            np.deg2rad(group["lat"]),
-            s=base * group["n"],
-            alpha=alpha,
-            lw=0,
-            label=f"class {k} ({group['n'].sum()})",
-        )
+    if len(points) <= MAX_ANGULAR_MARKERS:
+        base = min(float(np.clip(2000 / len(data), 4, 24)), 600.0 / points["n"].max())
+        for k, group in points.groupby("cls"):
+            ax.scatter(
+                *np.deg2rad([group["lon"], group["lat"]]),
+                s=base * group["n"],
+                alpha=0.6,
+                lw=0,
+                label=f"class {k} ({group['n'].sum()})",
+            )
+        if points["cls"].nunique() > 1:
+            ax.legend(loc="lower right", fontsize=8)
+        how = "marker area ∝ particles"
+    else:
+        m = int(np.clip(np.sqrt(len(data) / 20), 6, 36))  # about 10 particles per bin
+        lon_edges = np.linspace(-180, 180, 2 * m + 1)
+        lat_edges = np.rad2deg(np.arcsin(np.linspace(-1, 1, m + 1)))  # equal-area bins
+        counts, _, _ = np.histogram2d(lon, lat, bins=(lon_edges, lat_edges))
+        mesh = ax.pcolormesh(*np.deg2rad(np.meshgrid(lon_edges, lat_edges)), counts.T, vmin=0)
+        fig.colorbar(mesh, ax=ax, shrink=0.6, label="particles per bin (all classes)")
+        how = f"{2 * m * m} equal-area bins"
     ax.grid(alpha=0.4)
     ax.tick_params(labelsize=8)
-    shared = " (marker area ∝ particles)" if points["n"].max() > 1 else ""
     ax.set_title(
-        f"Projection directions of {len(data)} particles at iteration {iteration}{shared};"
+        f"Projection directions of {len(data)} particles at iteration {iteration} ({how});"
         " longitude: rot, tilt 0° at the top",
         fontsize=10,
     )
-    if points["cls"].nunique() > 1:
-        ax.legend(loc="lower right", fontsize=8, markerscale=1)
     return fig
 
 

@@ -218,4 +218,5 @@ def write_report(
     )
     with atomic_path(out) as tmp:
         tmp.write_text(page, encoding="utf-8")
+    out.chmod(0o644)  # atomic_path's temporary file is private (0600); a report is to be shared
     return out
