@@ -165,10 +165,13 @@ def test_report_tolerates_missing_files(tmp_path: Path) -> None:
     job = make_job(tmp_path / "job", symmetry=False)
     (job / "run_it010_data.star").unlink()
     (job / "run_it020_optimiser.star").unlink()
+    (job / "run_it020_class002.mrc").write_bytes(b"not a map")
     assert cli_main(["report", str(job), "--o", str(tmp_path / "r.html")]) == 0
     page = (tmp_path / "r.html").read_text()
     assert "no run_itNNN_data.star for iteration(s) 010" in page
     assert "no initial_model.mrc" in page and "not run" in page
+    assert "run_it020_class002.mrc: not a readable MRC file" in page
+    assert len(list((tmp_path / "r_files").glob("class*_iterations.png"))) == 2
 
 
 def _chromium() -> str | None:

@@ -18,6 +18,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
+from denovo3d.errors import InputError
 from denovo3d.io.mrc import read_mrc
 from denovo3d.report._job import Job
 
@@ -102,10 +103,25 @@ def _spread(items: list, n: int) -> list:
     return [items[i] for i in sorted(set(np.linspace(0, len(items) - 1, n).round().astype(int)))]
 
 
-def class_strip(job: Job, k: int, fractions: dict[int, float]) -> Figure:
-    """Sections and projections of class ``k`` at every written iteration, left to right."""
+def _read_or_note(path: Path, job: Job) -> tuple[np.ndarray, float] | None:
+    """``read_mrc(path)``, or ``None`` with a note in ``job.notes`` when it is unreadable."""
+    try:
+        return read_mrc(path)
+    except InputError as exc:
+        job.notes.append(str(exc))
+        return None
+
+
+def class_strip(job: Job, k: int, fractions: dict[int, float]) -> Figure | None:
+    """Sections and projections of class ``k`` at every written iteration, left to right.
+
+    An unreadable map leaves its column blank (and a note); ``None`` if none is readable.
+    """
     its = _spread([it for it in job.iterations if k in it.classes], MAX_STRIP_ITERATIONS)
-    columns = [views(read_mrc(it.classes[k])[0]) for it in its]
+    maps = [_read_or_note(it.classes[k], job) for it in its]
+    if not any(maps):
+        return None
+    columns = [views(m[0]) if m else [None] * 6 for m in maps]
     tiles = [[col[v] for col in columns] for v in range(6)]
     title = f"Class {k}" + (
         f" — {100 * fractions[k]:.0f} % of particles at the last iteration"
@@ -270,7 +286,10 @@ def fsc_figure(job: Job) -> Figure | None:
         its = [it for it in job.iterations if k in it.classes][-9:]
         colours = colormaps["viridis"](np.linspace(0, 0.9, max(len(its) - 1, 1)))
         for c, (a, b) in zip(colours, itertools.pairwise(its), strict=False):
-            (va, voxel), (vb, _) = read_mrc(a.classes[k]), read_mrc(b.classes[k])
+            pair = _read_or_note(a.classes[k], job), _read_or_note(b.classes[k], job)
+            if pair[0] is None or pair[1] is None:
+                continue
+            (va, voxel), (vb, _) = pair
             if va.shape != vb.shape or len(set(va.shape)) != 1:
                 continue
             f = shell_fsc(va, vb)
