@@ -315,3 +315,12 @@ def test_angular_plot_of_many_particles_is_a_density() -> None:
     fig = angular_figure(poses, 7)
     assert fig is not None and "equal-area bins" in fig.axes[0].get_title()
     assert png_bytes(fig)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_flip_hand_matches_relion_invert_hand_on_even_boxes() -> None:
+    # image_handler.cpp: dest_x = (j == 0) ? 0 : (XSIZE - j), out[k][i][j] = in[k][i][dest_x]
+    volume = np.arange(4 * 6 * 6, dtype=np.float32).reshape(4, 6, 6)
+    relion = volume[:, :, [0, 5, 4, 3, 2, 1]]
+    np.testing.assert_array_equal(flip_hand(volume, "x"), relion)
+    odd = np.arange(5, dtype=np.float32).reshape(1, 1, 5)
+    np.testing.assert_array_equal(flip_hand(odd, "x")[0, 0], [4, 3, 2, 1, 0])

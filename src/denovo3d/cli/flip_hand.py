@@ -1,9 +1,10 @@
 """Mirror a map to the other hand (de novo maps come out with either hand).
 
-Flips the map along one axis about the box centre (voxel s//2 stays in place), as RELION's
-``relion_image_handler --invert_hand`` does: voxel j goes to (2*(s//2) - j) mod s, which for
-even boxes wraps the edge plane j = 0 onto itself. RELION flips x; any axis gives the same hand
-(the results differ by a 180° rotation). The voxel size is kept; the origin is written as zero.
+Flips the map along one axis about the box centre (voxel s//2 stays in place): voxel j goes to
+(2*(s//2) - j) mod s. For even boxes this is RELION's ``relion_image_handler --invert_hand``
+exactly (it wraps the edge plane j = 0 onto itself); for odd boxes it is a plain flip, where
+RELION's (s - j) mod s would move the centre by one voxel. RELION flips x; any axis gives the
+same hand (the results differ by a 180° rotation). The voxel size is kept; the origin is zero.
 
 Example:
     denovo3d flip-hand --i InitialModel/job012/initial_model.mrc --o initial_model_flipped.mrc
