@@ -28,7 +28,7 @@ from denovo3d.cli import main as cli_main
 from denovo3d.cli.flip_hand import flip_hand
 from denovo3d.io.mrc import read_mrc, write_mrc
 from denovo3d.io.star import write_star
-from denovo3d.report import convergence_table, find_job, shell_fsc
+from denovo3d.report import convergence_table, find_job, pose_changes, shell_fsc
 
 BOX, APIX, N_PARTICLES = 32, 4.0, 60
 ITERATIONS = [0, 10, 20, 30]
@@ -54,7 +54,7 @@ def make_job(job: Path, symmetry: bool = True) -> Path:
     rng = np.random.default_rng(0)
     job.mkdir(parents=True, exist_ok=True)
     names = [f"Subtomograms/sub_{i:04d}.mrc" for i in range(N_PARTICLES)]
-    rot, tilt, psi = (rng.uniform(-180, 180, N_PARTICLES) for _ in range(3))
+    rot, psi = (rng.uniform(-180, 180, N_PARTICLES) for _ in range(2))
     tilt = np.rad2deg(np.arccos(rng.uniform(-1, 1, N_PARTICLES)))
     for n, it in enumerate(ITERATIONS):
         emerge = n / (len(ITERATIONS) - 1)
@@ -324,3 +324,20 @@ def test_flip_hand_matches_relion_invert_hand_on_even_boxes() -> None:
     np.testing.assert_array_equal(flip_hand(volume, "x"), relion)
     odd = np.arange(5, dtype=np.float32).reshape(1, 1, 5)
     np.testing.assert_array_equal(flip_hand(odd, "x")[0, 0], [4, 3, 2, 1, 0])
+
+
+def test_pose_changes_measure_the_rotation_between_poses() -> None:
+    before = pd.DataFrame(
+        {
+            "rlnImageName": ["a", "b", "c"],
+            "rlnAngleRot": [10.0, -50.0, 120.0],
+            "rlnAngleTilt": [30.0, 90.0, 150.0],
+            "rlnAnglePsi": [0.0, 45.0, -170.0],
+            "rlnClassNumber": [1, 1, 2],
+        }
+    )
+    after = before.iloc[::-1].copy()  # other row order: matched by name
+    after["rlnAnglePsi"] += 12.0  # an in-plane turn of 12° for every particle
+    after.loc[after["rlnImageName"] == "a", "rlnClassNumber"] = 2
+    mean_deg, changed_pct = pose_changes(before, after)
+    assert mean_deg == pytest.approx(12.0) and changed_pct == pytest.approx(100 / 3)
