@@ -15,9 +15,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from denovo3d.chimerax import write_job_view
-from denovo3d.report import find_job, write_report
-
 __all__ = ["add_args", "main"]
 
 
@@ -29,6 +26,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from denovo3d.chimerax import write_job_view  # matplotlib only when a report is asked for
+    from denovo3d.report import find_job, write_report
+
     job = find_job(args.job_dir)
     cxc = write_job_view(job)
     out = write_report(job, args.out, view_cxc=cxc)
