@@ -93,7 +93,7 @@ def _mosaic_figure(
 _ROW_LABELS = [f"section along {a}  ({_IN_PLANE[a]})" for a in _VIEWS] + [
     f"projection along {a}" for a in _VIEWS
 ]
-MAX_STRIP_ITERATIONS = 16
+MAX_STRIP_ITERATIONS = 25  # RELION's default 200 iterations, written every 10: all 21
 
 
 def _spread(items: list, n: int) -> list:
@@ -117,7 +117,8 @@ def class_strip(job: Job, k: int, fractions: dict[int, float]) -> Figure | None:
 
     An unreadable map leaves its column blank (and a note); ``None`` if none is readable.
     """
-    its = _spread([it for it in job.iterations if k in it.classes], MAX_STRIP_ITERATIONS)
+    written = [it for it in job.iterations if k in it.classes]
+    its = _spread(written, MAX_STRIP_ITERATIONS)
     maps = [_read_or_note(it.classes[k], job) for it in its]
     if not any(maps):
         return None
@@ -128,6 +129,8 @@ def class_strip(job: Job, k: int, fractions: dict[int, float]) -> Figure | None:
         if k in fractions
         else ""
     )
+    if len(its) < len(written):
+        title += f" ({len(its)} of {len(written)} written iterations, evenly spread)"
     return _mosaic_figure(tiles, _ROW_LABELS, [f"it {it.number}" for it in its], title, inch=0.95)
 
 
