@@ -19,7 +19,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from denovo3d.errors import InputError
-from denovo3d.io.atomic import atomic_path
+from denovo3d.io.atomic import atomic_path, ensure_writable_dir
 from denovo3d.io.star import read_star
 from denovo3d.report._figures import (
     angular_figure,
@@ -187,8 +187,8 @@ def write_report(
     """
     job = job if isinstance(job, Job) else find_job(job)
     out = Path(out) if out else job.directory / "report.html"
-    png_dir = out.parent / f"{out.stem}_files"
-    png_dir.mkdir(parents=True, exist_ok=True)
+    png_dir = ensure_writable_dir(out.parent) / f"{out.stem}_files"
+    png_dir.mkdir(exist_ok=True)
     table = convergence_table(job)
     body = "".join(f"<h2>{html.escape(t)}</h2>{s}" for t, s in _sections(job, table, png_dir))
     fractions = _last_fractions(table)
