@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from denovo3d.errors import InputError
-from denovo3d.io.atomic import atomic_path
+from denovo3d.io.atomic import atomic_path, ensure_writable_dir
 from denovo3d.io.mrc import read_mrc
 from denovo3d.io.star import read_star
 from denovo3d.report import Job
@@ -302,4 +302,9 @@ def write_job_view(job: Job) -> Path | None:
         + sorted(job.directory.glob("*axes*.star"))
     )
     axes, source = symmetry_axes_from_files(axis_files) if job.initial_model else ([], "")
+    try:
+        ensure_writable_dir(job.directory)
+    except InputError as exc:
+        job.notes.append(f"view.cxc not written: {exc}")
+        return None
     return write_view_cxc(job.directory / "view.cxc", maps, diameter, axes, source)
