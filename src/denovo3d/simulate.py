@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from denovo3d.ctf import ctf_2d, dose_weight, rfft2_frequencies
-from denovo3d.fourier import centred_rfft, rfft_radius, sample_rfft
+from denovo3d.fourier import centred_irfft, centred_rfft, rfft_radius, sample_rfft
 from denovo3d.geometry.euler import euler_to_matrix, matrix_to_euler, random_rotations
 from denovo3d.tilt_series import SliceInsertion, TiltScheme, slice_frequencies, tilt_rotations
 
@@ -170,6 +170,12 @@ def _circle_mask(box: int) -> torch.Tensor:
     return torch.where(r < inner, torch.ones_like(r), torch.where(r < edge, fall, 0 * r)).float()
 
 
+def _real(ft: torch.Tensor) -> torch.Tensor:
+    """The half grid of the real volume it stands for (drops the non-Hermitian part that the
+    insertion leaves on the kx = s/2 plane), so that ``centred_rfft(file) == data`` exactly."""
+    return centred_rfft(centred_irfft(ft))
+
+
 class Simulator:
     """Simulates particles of one truth map under one :class:`SimulationConfig`."""
 
@@ -286,7 +292,7 @@ class Simulator:
         images = c * signal
         if self.noise_sigma > 0:
             images = images + self.noise(draws.noise_seeds[rows])
-        data = self.insertion.insert(self._crop(c * images))
+        data = _real(self.insertion.insert(self._crop(c * images)))
         ctf2 = self.insertion.insert_weights(c * c)
         chunk = SimulatedChunk(rows, data, ctf2, self.insertion.multiplicity)
         if self.config.classic:
@@ -294,7 +300,7 @@ class Simulator:
             empty = self.insertion.multiplicity < 0.01
             classic = self.insertion.insert(self._crop(images)) / norm
             ctf3d = self.insertion.insert_weights(c) / norm
-            chunk.classic_data = classic.masked_fill(empty, 0)
+            chunk.classic_data = _real(classic.masked_fill(empty, 0))
             chunk.classic_ctf = ctf3d.masked_fill(empty, 0)
         return chunk
 
