@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as Fn
+import torch.nn.functional as nnf
 
 from denovo3d.fourier import rfft_radius
 from denovo3d.phantoms import PHANTOMS, make_phantom, phantom_atoms
@@ -28,7 +28,7 @@ def _rotate(volume: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     zz, yy, xx = torch.meshgrid(c, c, c, indexing="ij")
     source = torch.stack([xx, yy, zz], -1) @ R.double()
     grid = (source + s // 2) / (s - 1) * 2 - 1
-    return Fn.grid_sample(volume[None, None].double(), grid[None], align_corners=True)[0, 0]
+    return nnf.grid_sample(volume[None, None].double(), grid[None], align_corners=True)[0, 0]
 
 
 def _axis_rotation(axis: str, angle_deg: float) -> torch.Tensor:

@@ -9,7 +9,7 @@ import mrcfile
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as Fn
+import torch.nn.functional as nnf
 
 from denovo3d.cli import main as cli_main
 from denovo3d.fourier import centred_rfft, rfft_radius
@@ -40,7 +40,7 @@ def _rotate_shift(volume: torch.Tensor, A: torch.Tensor, origin_px: torch.Tensor
     x = torch.stack([xx, yy, zz], -1) + origin_px.double()
     source = x @ A.double()  # (Aᵀ x)ᵀ = xᵀ A
     grid = (source + s // 2) / (s - 1) * 2 - 1
-    out = Fn.grid_sample(volume[None, None].double(), grid[None], align_corners=True)
+    out = nnf.grid_sample(volume[None, None].double(), grid[None], align_corners=True)
     return out[0, 0]
 
 
@@ -60,7 +60,9 @@ def test_dose_symmetric_order_and_exposure() -> None:
     scheme = TiltScheme.dose_symmetric(-60, 60, 3, 3.0)
     assert scheme.n_tilts == 41
     assert torch.equal(scheme.tilt_angles_deg, torch.arange(-60, 61, 3).double())
-    exposure = dict(zip(scheme.tilt_angles_deg.tolist(), scheme.pre_exposure_e_per_a2.tolist()))
+    exposure = dict(
+        zip(scheme.tilt_angles_deg.tolist(), scheme.pre_exposure_e_per_a2.tolist(), strict=True)
+    )
     assert exposure[0.0] == 0 and exposure[3.0] == 3 and exposure[-3.0] == 6 and exposure[-6.0] == 9
     assert sorted(exposure.values()) == [3.0 * i for i in range(41)]
 
