@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as nnf
 
 from denovo3d.cli import main as cli_main
-from denovo3d.fourier import centred_rfft, rfft_radius
+from denovo3d.fourier import centred_irfft, centred_rfft, rfft_radius
 from denovo3d.geometry.euler import euler_to_matrix
 from denovo3d.io.star import read_star
 from denovo3d.particles import load_particle_set
@@ -213,3 +213,18 @@ def test_cli_simulate_float16_and_errors(tmp_path: Path, capsys: pytest.CaptureF
     assert cli_main(["simulate", "--o", str(out), "--map", str(bad_map), "--box", "16"]) == 2
     err = capsys.readouterr().err
     assert str(bad_map) in err and "expected a cube of --box 16" in err
+
+
+def test_particle_sits_at_box_centre_minus_origin() -> None:
+    """RELION's origin convention in real space: the particle centre is at ``s/2 − o``."""
+    config = SimulationConfig(n_particles=1, box=BOX, pixel_size_a=PIXEL, snr=None)
+    draws = draw_particles(config)
+    point = torch.zeros(BOX, BOX, BOX)
+    point[BOX // 2, BOX // 2, BOX // 2] = 1.0
+    sim = Simulator(point, SimulationConfig(**{**config.__dict__, "apply_ctf": False}))
+    data = centred_irfft(sim.simulate(draws, torch.arange(1)).data)[0]
+    peak = torch.tensor(np.unravel_index(int(data.argmax()), data.shape)[::-1])
+    expected = BOX // 2 - draws.origins_a[0] / PIXEL
+    assert float((peak.double() - expected).abs().max()) <= 0.75
+    wrong = BOX // 2 + draws.origins_a[0] / PIXEL
+    assert float((peak.double() - wrong).norm()) > 1.5
