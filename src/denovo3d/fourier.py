@@ -23,6 +23,7 @@ __all__ = [
     "rfft_coords",
     "rfft_radius",
     "sample_rfft",
+    "splat_rfft",
 ]
 
 
@@ -131,3 +132,37 @@ def sample_rfft(ft: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     if out.is_complex():  # type: ignore[union-attr]
         out = torch.where(flip, out.conj(), out)  # type: ignore[union-attr]
     return out  # type: ignore[return-value]
+
+
+def splat_rfft(values: torch.Tensor, coords: torch.Tensor, box: int) -> torch.Tensor:
+    """Trilinear scatter onto a half grid: the exact adjoint of :func:`sample_rfft`.
+
+    ``values``: ``(...)`` complex or real, placed at frequencies ``coords (..., 3)`` (xyz, any
+    sign; points with ``kx < 0`` put ``conj(value)`` at ``-k``). Returns ``(s, s, s//2+1)`` with
+    the same dtype as ``values``. Half-grid entries are treated as independent (no Hermitian
+    completion of the ``kx = 0`` plane: the caller does that where it needs a transform).
+    Under the real inner product ``Re Σ conj(a)·b``:
+    ``<sample_rfft(F, k), v> = <F, splat_rfft(v, k)>``.
+    """
+    s = box
+    half = s // 2 + 1
+    flip = coords[..., 0] < 0
+    k = torch.where(flip.unsqueeze(-1), -coords, coords)
+    if values.is_complex():
+        values = torch.where(flip, values.conj(), values)
+    k0 = torch.floor(k)
+    frac = k - k0
+    k0 = k0.long()
+    out = values.new_zeros(s * s * (half + 1))
+    for dz in (0, 1):
+        wz = frac[..., 2] if dz else 1 - frac[..., 2]
+        iz = (k0[..., 2] + dz) % s
+        for dy in (0, 1):
+            wy = frac[..., 1] if dy else 1 - frac[..., 1]
+            iy = (k0[..., 1] + dy) % s
+            for dx in (0, 1):
+                wx = frac[..., 0] if dx else 1 - frac[..., 0]
+                ix = (k0[..., 0] + dx).clamp(max=half)
+                index = ((iz * s + iy) * (half + 1) + ix).reshape(-1)
+                out.index_add_(0, index, (values * (wz * wy * wx).to(values.dtype)).reshape(-1))
+    return out.reshape(s, s, half + 1)[..., :half].clone()

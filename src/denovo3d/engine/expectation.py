@@ -1,0 +1,281 @@
+"""E-step: pose scores as matrix products, posteriors, significance pruning, coarse-to-fine.
+
+The exact pseudo-subtomogram log-likelihood (DESIGN §4) of particle i at pose (class, rotation
+o, offset t), summed over the voxels of a :class:`VoxelSet` with Friedel weights f:
+
+    L = Σ_k f·[ Re(conj(D_i(k)·e^{+2πi k·t/s}) · P_o(k)) − ½ C_i(k)·|P_o(k)|² ] / σ²(|k|)
+
+with ``P_o(k) = F(k @ A_o)`` the rotated reference. Pass 1 (coarse grid, coarse voxels): cross
+terms by one real GEMM ``[b·T, 2V] @ [2V, K·O]``, norms by ``[b, V] @ [V, K·O]``. Pass 2 (fine):
+for each particle the children of its significant coarse rotations × the children of its
+significant coarse offsets, as a batched GEMM over particles. Posteriors are a softmax per
+particle; the kept samples carry ``fraction`` of the weight.
+
+Orientation indices run over classes: ``ko = k·O + o`` (coarse and fine grids alike), and fine
+indices are children of coarse ones: ``fine = 8·coarse + child``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from denovo3d.engine.voxels import VoxelSet
+from denovo3d.fourier import sample_rfft
+
+__all__ = [
+    "Alignment",
+    "PassGrid",
+    "Search",
+    "align",
+    "coarse_scores",
+    "fine_search",
+    "project",
+    "significant_mask",
+]
+
+
+@dataclass(frozen=True)
+class PassGrid:
+    """What one pass searches: rotations ``A (O, 3, 3)``, offsets ``(T, 3)`` in pixels of the
+    particle box ``box_px``, the voxels, and ``inv_sigma2 (V,)`` = Friedel weight / σ²(shell)."""
+
+    rotations: torch.Tensor
+    offsets_px: torch.Tensor
+    voxels: VoxelSet
+    inv_sigma2: torch.Tensor
+    box_px: int
+
+    def phases(self) -> torch.Tensor:
+        """``(T, V)`` complex ``exp(+2πi k·t/box_px)``."""
+        return self.voxels.phases(self.offsets_px, self.box_px)
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """E-step result for a batch of ``b`` particles.
+
+    Kept samples (``N`` entries): ``particle, ko, offset (N,)`` int64 (fine indices), ``weight
+    (N,)`` float (normalised per particle). Per particle ``(b,)``: ``best_ko, best_offset``,
+    ``max_prob``, ``n_significant``, ``log_evidence`` (logsumexp of the fine scores).
+    """
+
+    particle: torch.Tensor
+    ko: torch.Tensor
+    offset: torch.Tensor
+    weight: torch.Tensor
+    best_ko: torch.Tensor
+    best_offset: torch.Tensor
+    max_prob: torch.Tensor
+    n_significant: torch.Tensor
+    log_evidence: torch.Tensor
+
+
+def project(
+    refs_ft: torch.Tensor, rotations: torch.Tensor, voxels: VoxelSet, chunk: int = 256
+) -> torch.Tensor:
+    """Rotated references ``P[k, o, v] = F_k(k_v @ A_o)``: refs ``(K, s, s, s//2+1)``, rotations
+    ``(O, 3, 3)`` -> ``(K, O, V)`` complex (trilinear, Friedel-aware)."""
+    K = refs_ft.shape[0]
+    out = refs_ft.new_empty((K, rotations.shape[0], len(voxels)))
+    rot = rotations.to(voxels.coords.dtype)
+    for start in range(0, rot.shape[0], chunk):
+        q = voxels.coords @ rot[start : start + chunk]  # (o, V, 3)
+        for k in range(K):
+            out[k, start : start + chunk] = sample_rfft(refs_ft[k], q)
+    return out
+
+
+def _real(z: torch.Tensor) -> torch.Tensor:
+    """``(..., V)`` complex -> ``(..., 2V)`` real (re, im interleaved)."""
+    return torch.view_as_real(z).reshape(*z.shape[:-1], 2 * z.shape[-1])
+
+
+def coarse_scores(
+    data: torch.Tensor,
+    ctf2: torch.Tensor,
+    proj: torch.Tensor,
+    grid: PassGrid,
+    log_prior: torch.Tensor,
+) -> torch.Tensor:
+    """Scores ``(b, T, KO)`` of every coarse pose.
+
+    ``data (b, V)`` complex and ``ctf2 (b, V)`` on ``grid.voxels``; ``proj (KO, V)``;
+    ``log_prior (T, KO)`` (offset + class/orientation priors).
+    """
+    b, T = data.shape[0], grid.offsets_px.shape[0]
+    phases = grid.phases()  # (T, V)
+    shifted = (data * grid.inv_sigma2)[:, None, :] * phases[None]  # (b, T, V)
+    cross = _real(shifted).reshape(b * T, -1) @ _real(proj).T  # one real GEMM
+    norm = (0.5 * ctf2 * grid.inv_sigma2) @ (proj.real**2 + proj.imag**2).T  # (b, KO)
+    return cross.reshape(b, T, -1) - norm[:, None, :] + log_prior[None]
+
+
+def significant_mask(prob: torch.Tensor, fraction: float, max_count: int) -> torch.Tensor:
+    """``prob (b, N)`` normalised rows -> bool ``(b, N)``: the largest samples whose weights sum
+    to ``fraction`` (the one that crosses it included), at most ``max_count`` per row."""
+    sorted_p, order = prob.sort(dim=1, descending=True)
+    before = sorted_p.cumsum(dim=1) - sorted_p
+    keep_sorted = before < fraction
+    keep_sorted[:, max_count:] = False
+    keep_sorted[:, 0] = True
+    return torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+
+
+def _padded_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column indices of the True entries per row, padded: ``(b, n_max)`` index and valid mask."""
+    n_max = int(mask.sum(dim=1).max())
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :n_max]
+    return order, mask.gather(1, order)
+
+
+def _children(parents: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(b, n)`` parents -> ``(b, 8n)`` children ``8p + c`` and their validity."""
+    kids = (8 * parents[:, :, None] + torch.arange(8, device=parents.device)).reshape(
+        parents.shape[0], -1
+    )
+    return kids, valid.repeat_interleave(8, dim=1)
+
+
+def fine_search(
+    data: torch.Tensor,
+    ctf2: torch.Tensor,
+    refs_ft: torch.Tensor,
+    coarse_sig: torch.Tensor,
+    grid: PassGrid,
+    log_prior_offset: torch.Tensor,
+    log_prior_ko: torch.Tensor,
+    fraction: float,
+    budget_bytes: int,
+) -> Alignment:
+    """Pass 2 around the significant coarse samples ``coarse_sig (b, T_c, KO_c)`` bool.
+
+    ``data, ctf2 (b, V)`` on ``grid.voxels`` (fine); ``grid.rotations (O_f, 3, 3)`` fine grid of
+    one class (children order); ``log_prior_offset (T_f,)``; ``log_prior_ko (KO_f,)``.
+    """
+    b = data.shape[0]
+    n_orient = grid.rotations.shape[0]
+    o_idx, o_ok = _children(*_padded_rows(coarse_sig.any(dim=1)))  # (b, n_o)
+    t_idx, t_ok = _children(*_padded_rows(coarse_sig.any(dim=2)))  # (b, n_t)
+    union = torch.unique(o_idx[o_ok])
+    proj_u = refs_ft.new_empty((union.numel(), len(grid.voxels)))
+    for k in range(refs_ft.shape[0]):
+        sel = torch.nonzero(union // n_orient == k).squeeze(1)
+        if sel.numel():
+            rot = grid.rotations[union[sel] % n_orient]
+            proj_u[sel] = project(refs_ft[k : k + 1], rot, grid.voxels)[0]
+    pos = torch.searchsorted(union, o_idx.clamp(max=int(union.max())))
+    phases = grid.phases()  # (T_f, V)
+    n_o, n_t, V = o_idx.shape[1], t_idx.shape[1], len(grid.voxels)
+    per_particle = 4 * 2 * V * (3 * n_o + 2 * n_t) + 4 * n_o * n_t * 4
+    chunk = max(1, min(b, budget_bytes // max(per_particle, 1)))
+    scores = data.real.new_empty((b, n_t, n_o))
+    for s in range(0, b, chunk):
+        e = min(b, s + chunk)
+        p = proj_u[pos[s:e]]  # (c, n_o, V)
+        y = (data[s:e] * grid.inv_sigma2)[:, None, :] * phases[t_idx[s:e]]  # (c, n_t, V)
+        cross = torch.bmm(_real(y), _real(p).transpose(1, 2))  # (c, n_t, n_o)
+        power = p.real**2 + p.imag**2
+        norm = torch.bmm((0.5 * ctf2[s:e] * grid.inv_sigma2)[:, None, :], power.transpose(1, 2))
+        scores[s:e] = cross - norm
+    scores = scores + log_prior_offset[t_idx][:, :, None] + log_prior_ko[o_idx][:, None, :]
+    valid = t_ok[:, :, None] & o_ok[:, None, :]
+    scores = scores.masked_fill(~valid, float("-inf")).reshape(b, -1)
+    log_evidence = torch.logsumexp(scores, dim=1)
+    prob = torch.exp(scores - log_evidence[:, None])
+    keep = significant_mask(prob, fraction, prob.shape[1])
+    particle, flat = torch.nonzero(keep, as_tuple=True)
+    weight = prob[particle, flat]
+    weight = weight / torch.zeros_like(log_evidence).index_add_(0, particle, weight)[particle]
+    ti, oi = flat // n_o, flat % n_o
+    best = prob.argmax(dim=1)
+    rows = torch.arange(b, device=data.device)
+    return Alignment(
+        particle=particle,
+        ko=o_idx[particle, oi],
+        offset=t_idx[particle, ti],
+        weight=weight,
+        best_ko=o_idx[rows, best % n_o],
+        best_offset=t_idx[rows, best // n_o],
+        max_prob=prob[rows, best],
+        n_significant=keep.sum(dim=1),
+        log_evidence=log_evidence,
+    )
+
+
+@dataclass(frozen=True)
+class Search:
+    """Both passes and the priors: ``log_pdf_class (K,)``, offset prior variance per axis
+    (px²), the kept weight ``fraction`` (0.999), ``max_significant`` coarse samples per particle,
+    and the memory budget for temporaries."""
+
+    coarse: PassGrid
+    fine: PassGrid
+    log_pdf_class: torch.Tensor
+    sigma2_offset_px: float
+    fraction: float = 0.999
+    max_significant: int = 100
+    budget_bytes: int = 1 << 30
+
+    def log_prior_offset(self, offsets_px: torch.Tensor) -> torch.Tensor:
+        return -(offsets_px**2).sum(dim=1).to(self.log_pdf_class) / (2 * self.sigma2_offset_px)
+
+    def log_prior_ko(self, n_orient: int) -> torch.Tensor:
+        return self.log_pdf_class.repeat_interleave(n_orient)
+
+
+def _cat(parts: list[Alignment], starts: list[int]) -> Alignment:
+    fields = {}
+    for name in Alignment.__dataclass_fields__:
+        values = [getattr(p, name) for p in parts]
+        if name == "particle":
+            values = [v + s0 for v, s0 in zip(values, starts, strict=True)]
+        fields[name] = torch.cat(values)
+    return Alignment(**fields)
+
+
+def align(
+    data: torch.Tensor, ctf2: torch.Tensor, refs_ft: torch.Tensor, search: Search
+) -> Alignment:
+    """Coarse then fine search for a batch.
+
+    ``data (b, s, s, s//2+1)`` complex and ``ctf2`` (same shape) at the box both VoxelSets index;
+    ``refs_ft (K, S, S, S//2+1)`` the references' transforms (zero beyond the current radius).
+    """
+    c_grid, f_grid = search.coarse, search.fine
+    K = refs_ft.shape[0]
+    proj = project(refs_ft, c_grid.rotations, c_grid.voxels).reshape(K * len(c_grid.rotations), -1)
+    log_prior = (
+        search.log_prior_offset(c_grid.offsets_px)[:, None]
+        + search.log_prior_ko(len(c_grid.rotations))[None, :]
+    )
+    prior_t_fine = search.log_prior_offset(f_grid.offsets_px)
+    prior_ko_fine = search.log_prior_ko(len(f_grid.rotations))
+    T, KO, V = c_grid.offsets_px.shape[0], proj.shape[0], len(c_grid.voxels)
+    per_particle = 4 * (T * KO * 3 + T * V * 6)
+    chunk = max(1, min(data.shape[0], search.budget_bytes // per_particle))
+    parts, starts = [], []
+    for s in range(0, data.shape[0], chunk):
+        d, c = data[s : s + chunk], ctf2[s : s + chunk]
+        scores = coarse_scores(
+            c_grid.voxels.take(d), c_grid.voxels.take(c), proj, c_grid, log_prior
+        )
+        prob = torch.softmax(scores.reshape(scores.shape[0], -1), dim=1)
+        sig = significant_mask(prob, search.fraction, search.max_significant).reshape(scores.shape)
+        del scores, prob
+        parts.append(
+            fine_search(
+                f_grid.voxels.take(d),
+                f_grid.voxels.take(c),
+                refs_ft,
+                sig,
+                f_grid,
+                prior_t_fine,
+                prior_ko_fine,
+                search.fraction,
+                search.budget_bytes,
+            )
+        )
+        starts.append(s)
+    return _cat(parts, starts)

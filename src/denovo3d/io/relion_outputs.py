@@ -1,0 +1,232 @@
+"""RELION's per-iteration outputs of a VDAM run (relion-vdam-notes §1.9), all written atomically:
+``run_itNNN_classKKK.mrc``, ``run_itNNN_model.star``, ``run_itNNN_data.star``,
+``run_itNNN_optimiser.star``, ``run_itNNN_sampling.star``; and ``initial_model.mrc``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from denovo3d.io.atomic import atomic_path
+from denovo3d.io.mrc import write_mrc
+from denovo3d.io.star import write_star
+
+__all__ = ["iteration_root", "write_initial_model", "write_iteration"]
+
+
+def iteration_root(output_root: str, iteration: int) -> str:
+    return f"{output_root}_it{iteration:03d}"
+
+
+def _class_maps(root: str, state, pixel_size_a: float) -> list[str]:
+    names = []
+    refs = state.refs.detach().cpu().numpy()
+    for k in range(refs.shape[0]):
+        name = f"{root}_class{k + 1:03d}.mrc"
+        write_mrc(name, refs[k], pixel_size_a)
+        names.append(name)
+    return names
+
+
+def _resolution_a(ssnr_row: np.ndarray, box: int, pixel_size_a: float) -> float:
+    last = 0
+    for i in range(1, len(ssnr_row)):
+        if ssnr_row[i] < 1:
+            break
+        last = i
+    return 999.0 if last == 0 else box * pixel_size_a / last
+
+
+def _model_blocks(cfg, state, ps, schedule, class_names: list[str]) -> dict:
+    box, px = ps.box, ps.pixel_size_a
+    n_shells = box // 2 + 1
+    ssnr = state.ssnr.double().numpy()
+    fsc = state.fsc.double().numpy()
+    sigma2 = state.sigma2.detach().cpu().double().numpy()
+    refs_power = _shell_power(state.refs)
+    current_res = box * px / max(1, state.current_size // 2)
+    general = {
+        "rlnReferenceDimensionality": 3,
+        "rlnDataDimensionality": 3,
+        "rlnOriginalImageSize": box,
+        "rlnCurrentResolution": current_res,
+        "rlnCurrentImageSize": state.current_size,
+        "rlnPaddingFactor": 1.0,
+        "rlnIsHelix": 0,
+        "rlnFourierSpaceInterpolator": 1,
+        "rlnMinRadiusNnInterpolation": 10,
+        "rlnPixelSize": px,
+        "rlnNrClasses": cfg.n_classes,
+        "rlnNrBodies": 1,
+        "rlnNrGroups": 1,
+        "rlnNrOpticsGroups": 1,
+        "rlnTau2FudgeFactor": schedule.tau2(max(1, state.iteration)),
+        "rlnNormCorrectionAverage": 1.0,
+        "rlnSigmaOffsetsAngst": float(np.sqrt(state.sigma2_offset_px)) * px,
+        "rlnOrientationalPriorMode": 0,
+        "rlnSigmaPriorRotAngle": 0.0,
+        "rlnSigmaPriorTiltAngle": 0.0,
+        "rlnSigmaPriorPsiAngle": 0.0,
+        "rlnLogLikelihood": state.log_likelihood,
+        "rlnAveragePmax": state.average_pmax,
+    }
+    classes = pd.DataFrame(
+        {
+            "rlnReferenceImage": list(class_names),
+            "rlnClassDistribution": state.pdf_class.detach().cpu().double().numpy(),
+            "rlnAccuracyRotations": 999.0,
+            "rlnAccuracyTranslationsAngst": 999.0,
+            "rlnEstimatedResolution": [_resolution_a(r, box, px) for r in ssnr],
+            "rlnOverallFourierCompleteness": 1.0,
+        }
+    )
+    shells = np.arange(n_shells)
+    freq = shells / (box * px)
+    ang = np.where(shells > 0, box * px / np.maximum(shells, 1), 999.0)
+    blocks: dict = {"model_general": general, "model_classes": classes}
+    for k in range(cfg.n_classes):
+        blocks[f"model_class_{k + 1}"] = pd.DataFrame(
+            {
+                "rlnSpectralIndex": shells,
+                "rlnResolution": freq,
+                "rlnAngstromResolution": ang,
+                "rlnSsnrMap": ssnr[k],
+                "rlnGoldStandardFsc": fsc[k],
+                "rlnFourierCompleteness": 1.0,
+                "rlnReferenceSigma2": sigma2,
+                "rlnReferenceTau2": refs_power[k],
+            }
+        )
+    blocks["model_groups"] = pd.DataFrame(
+        {
+            "rlnGroupNumber": [1],
+            "rlnGroupName": ["group_1"],
+            "rlnGroupNrParticles": [ps.n],
+            "rlnGroupScaleCorrection": [1.0],
+        }
+    )
+    blocks["model_optics_group_1"] = pd.DataFrame(
+        {"rlnSpectralIndex": shells, "rlnResolution": freq, "rlnSigma2Noise": sigma2}
+    )
+    return blocks
+
+
+def _shell_power(refs) -> np.ndarray:
+    """Reference power per shell ``(K, n)``: mean |F|²/2 (RELION's tau2)."""
+    import torch
+
+    from denovo3d.engine.voxels import VoxelSet, shell_means
+    from denovo3d.fourier import centred_rfft
+
+    box = refs.shape[-1]
+    vox = VoxelSet.build(box, box / 2, refs.device)
+    ft = centred_rfft(refs.detach().double())
+    power = shell_means(vox.take(ft.abs() ** 2), vox.shell, box // 2 + 1) / 2
+    return torch.as_tensor(power).cpu().numpy()
+
+
+def _data_blocks(state, ps) -> dict:
+    table = ps.table.copy()
+    p = state.poses
+    px = ps.pixel_size_a
+    table["rlnAngleRot"] = p["rot"]
+    table["rlnAngleTilt"] = p["tilt"]
+    table["rlnAnglePsi"] = p["psi"]
+    table["rlnOriginXAngst"] = p["origin_px"][:, 0] * px
+    table["rlnOriginYAngst"] = p["origin_px"][:, 1] * px
+    table["rlnOriginZAngst"] = p["origin_px"][:, 2] * px
+    table["rlnClassNumber"] = p["class_number"].astype(int)
+    table["rlnNormCorrection"] = 1.0
+    table["rlnLogLikeliContribution"] = p["log_likelihood"]
+    table["rlnMaxValueProbDistribution"] = p["max_prob"]
+    table["rlnNrOfSignificantSamples"] = p["n_significant"].astype(int)
+    return {"optics": ps.optics, "particles": table}
+
+
+def _optimiser_blocks(cfg, state, schedule, root: str) -> dict:
+    return {
+        "optimiser_general": {
+            "rlnOutputRootName": cfg.output_root,
+            "rlnModelStarFile": f"{root}_model.star",
+            "rlnExperimentalDataStarFile": f"{root}_data.star",
+            "rlnOrientSamplingStarFile": f"{root}_sampling.star",
+            "rlnCurrentIteration": state.iteration,
+            "rlnNumberOfIterations": cfg.n_iter,
+            "rlnDoSplitRandomHalves": 0,
+            "rlnAdaptiveOversampleOrder": 1,
+            "rlnAdaptiveOversampleFraction": cfg.adaptive_fraction,
+            "rlnRandomSeed": cfg.random_seed,
+            "rlnParticleDiameter": cfg.particle_diameter_a,
+            "rlnWidthMaskEdge": cfg.mask_edge_px,
+            "rlnDoZeroMask": int(cfg.zero_mask),
+            "rlnDoSolventFlattening": int(cfg.flatten_solvent),
+            "rlnIncrementImageSize": cfg.incr_size,
+            "rlnDoGradientRefine": 1,
+            "rlnDoStochasticGradientDescent": 1,
+            "rlnGradEmIters": 0,
+            "rlnGradCurrentStepsize": schedule.step_size(max(1, state.iteration)),
+            "rlnSgdInitialIterationsFraction": 0.3,
+            "rlnSgdFinalIterationsFraction": 0.2,
+            "rlnSgdInitialSubsetSize": schedule.batch_ini,
+            "rlnSgdFinalSubsetSize": schedule.batch_fin,
+            "rlnSgdMuFactor": cfg.mu,
+            "rlnSgdClassInactivityThreshold": 0.0,
+            "rlnSgdSubsetSize": schedule.batch_size(max(1, state.iteration)),
+            "rlnSgdWriteEverySubset": cfg.write_iter,
+            "rlnSgdStepsize": cfg.stepsize,
+            "rlnTau2FudgeArg": cfg.tau2_fudge,
+            "rlnMaximumSignificantPoses": cfg.maxsig,
+            "rlnSymmetryGroup": cfg.symmetry,
+        }
+    }
+
+
+def _sampling_blocks(cfg, ps) -> dict:
+    from denovo3d.geometry.sampling import angular_step_deg
+
+    return {
+        "sampling_general": {
+            "rlnIs3DSampling": 1,
+            "rlnIs3DTranslationalSampling": 1,
+            "rlnHealpixOrder": cfg.healpix_order,
+            "rlnSymmetryGroup": "C1",
+            "rlnTiltAngleLimit": -91.0,
+            "rlnPsiStep": angular_step_deg(cfg.healpix_order),
+            "rlnOffsetRange": cfg.offset_range_px * ps.pixel_size_a,
+            "rlnOffsetStep": cfg.offset_step_px * ps.pixel_size_a,
+            "rlnSamplingPerturbFactor": cfg.perturb,
+        }
+    }
+
+
+def write_iteration(cfg, state, ps, schedule) -> str:
+    """Write all files of ``state.iteration``; returns the root ``<o>_itNNN``."""
+    root = iteration_root(cfg.output_root, state.iteration)
+    names = _class_maps(root, state, ps.pixel_size_a)
+    write_star(f"{root}_model.star", _model_blocks(cfg, state, ps, schedule, names))
+    write_star(f"{root}_data.star", _data_blocks(state, ps))
+    write_star(f"{root}_sampling.star", _sampling_blocks(cfg, ps))
+    path = Path(f"{root}_optimiser.star")
+    write_star(path, _optimiser_blocks(cfg, state, schedule, root))
+    text = path.read_text()
+    with atomic_path(path) as tmp:
+        tmp.write_text(f"# denovo3d optimiser\n# {cfg.command_line}\n{text}")
+    return root
+
+
+def write_initial_model(cfg, state, ps) -> Path:
+    """``initial_model.mrc`` beside the run: the largest class, symmetry-aligned when asked."""
+    k = int(state.pdf_class.argmax())
+    volume = state.refs[k].detach().cpu().float()
+    if cfg.symmetry.upper() != "C1":
+        try:
+            from denovo3d.symmetry_align import align_symmetry, apply_alignment
+        except ImportError:  # pragma: no cover - the symmetry step lands separately
+            align_symmetry = None
+        if align_symmetry is not None:
+            volume = apply_alignment(volume, align_symmetry(volume, cfg.symmetry))
+    path = Path(cfg.output_root).parent / "initial_model.mrc"
+    write_mrc(path, volume.numpy(), ps.pixel_size_a)
+    return path

@@ -1,0 +1,103 @@
+"""Synthetic pseudo-subtomograms made directly in Fourier space, for the engine's tests.
+
+D = C·P_{A,t}(V) + noise with Var = C·σ² per real component, C = ΣCTF² of a ±60° tilt series
+about y (a missing wedge fixed in the tomogram frame) with a per-particle defocus-like ripple.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from denovo3d.fourier import centred_rfft, rfft_coords, sample_rfft
+from denovo3d.geometry.euler import matrix_to_euler, random_rotations
+
+
+def wedge_ctf2(box: int, defocus_scale: torch.Tensor, max_tilt_deg: float = 60.0) -> torch.Tensor:
+    """``(b, s, s, s//2+1)`` ΣCTF²-like weights: a ±max_tilt wedge about y times a CTF ripple."""
+    k = rfft_coords(box)
+    kx, _, kz = k.unbind(-1)
+    angle = torch.rad2deg(torch.atan2(kx.abs(), kz.abs()))  # tilt plane containing k
+    in_wedge = (angle <= max_tilt_deg + 1e-3) | ((kx == 0) & (kz == 0))
+    r2 = (k**2).sum(-1) / box**2
+    ctf = torch.sin(defocus_scale[:, None, None, None] * 400.0 * r2 + 0.1)
+    radius = k.norm(dim=-1)
+    density = 41.0 / (1.0 + radius * math.radians(3.0) * 2)  # slices per voxel thin out
+    return (in_wedge * (ctf**2) * density).float()
+
+
+def make_particles(
+    volume: torch.Tensor,
+    n: int,
+    noise_sigma2: float,
+    offset_px: float = 0.0,
+    seed: int = 1,
+) -> dict:
+    """Particles of ``volume (s, s, s)`` at random poses: data, ctf2, multiplicity, matrices,
+    angles, offsets (px) and the noise level (σ² per real component per unit C)."""
+    g = torch.Generator().manual_seed(seed)
+    box = volume.shape[-1]
+    ft = centred_rfft(volume.double())
+    A = random_rotations(n, g)
+    offsets = (torch.rand(n, 3, generator=g, dtype=torch.float64) * 2 - 1) * offset_px
+    ctf2 = wedge_ctf2(box, 0.5 + torch.rand(n, generator=g)).double()
+    k = rfft_coords(box).double()
+    kf = k.reshape(-1, 3)
+    data = torch.empty((n, *ctf2.shape[1:]), dtype=torch.complex128)
+    for i in range(n):
+        proj = sample_rfft(ft, kf @ A[i]).reshape(ctf2.shape[1:])
+        phase = -2 * math.pi * (kf @ offsets[i]).reshape(ctf2.shape[1:]) / box
+        clean = ctf2[i] * proj * torch.polar(torch.ones_like(phase), phase)
+        noise = torch.randn(*clean.shape, 2, generator=g, dtype=torch.float64)
+        noise = torch.view_as_complex(noise) * torch.sqrt(ctf2[i] * noise_sigma2)
+        data[i] = clean + noise
+    mult = (ctf2 > 0).float()
+    rot, tilt, psi = matrix_to_euler(A)
+    return {
+        "data": data.to(torch.complex64),
+        "ctf2": ctf2.float(),
+        "multiplicity": mult,
+        "rotations": A,
+        "angles": torch.stack([rot, tilt, psi], 1),
+        "offsets_px": offsets,
+    }
+
+
+class InMemoryParticles:
+    """The part of :class:`denovo3d.particles.ParticleSet` the refine loop uses, in memory."""
+
+    def __init__(self, parts: dict, pixel_size_a: float) -> None:
+        import numpy as np
+        import pandas as pd
+
+        from denovo3d.fourier import fourier_crop
+        from denovo3d.particles import ParticleBatch
+
+        self._crop, self._batch = fourier_crop, ParticleBatch
+        self.parts = parts
+        self.n = parts["data"].shape[0]
+        self.box = parts["data"].shape[-2]
+        self.pixel_size_a = pixel_size_a
+        self.random_subset = np.arange(self.n) % 2 + 1
+        self.table = pd.DataFrame(
+            {"rlnImageName": [f"p{i:04d}_data.mrc" for i in range(self.n)], "rlnOpticsGroup": 1}
+        )
+        self.optics = pd.DataFrame(
+            {
+                "rlnOpticsGroup": [1],
+                "rlnOpticsGroupName": ["optics1"],
+                "rlnImagePixelSize": [pixel_size_a],
+                "rlnImageSize": [self.box],
+                "rlnImageDimensionality": [3],
+                "rlnCtfDataAreCtfPremultiplied": [1],
+            }
+        )
+
+    def load(self, indices, box=None, device="cpu", threads=1):
+        idx = torch.as_tensor(indices).reshape(-1).long()
+        box = self.box if box is None else int(box)
+        t = [self.parts[k][idx] for k in ("data", "ctf2", "multiplicity")]
+        if box < self.box:
+            t = [self._crop(x, box) for x in t]
+        return self._batch(idx.to(device), *(x.to(device) for x in t))
