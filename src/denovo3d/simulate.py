@@ -120,7 +120,7 @@ def draw_particles(config: SimulationConfig) -> ParticleDraws:
     )
     lo, hi = config.defocus_range_a
     defocus = lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)
-    tomogram = torch.arange(n) % max(1, config.n_tomograms)
+    tomogram = torch.arange(n) % max(1, min(config.n_tomograms, n))
     size = torch.tensor(config.tomogram_size_a, dtype=torch.float64)
     margin = torch.tensor([0.1, 0.1, 0.2], dtype=torch.float64)
     fraction = margin + (1 - 2 * margin) * torch.rand(n, 3, generator=gen, dtype=torch.float64)

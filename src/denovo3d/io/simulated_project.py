@@ -69,7 +69,7 @@ class ProjectWriter:
         self.scheme = scheme
         self.draws = draws
         self.source = source
-        n_tomo = max(1, config.n_tomograms)
+        n_tomo = max(1, min(config.n_tomograms, config.n_particles))
         self.tomo_names = [f"TS_{t + 1:02d}" for t in range(n_tomo)]
         counters = [0] * n_tomo
         self.stems: list[str] = []
