@@ -35,7 +35,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--o", type=Path, required=True, help="output project directory")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--phantom", choices=sorted(PHANTOMS), help="built-in phantom")
-    source.add_argument("--map", type=Path, help="truth map (MRC), cubic, resampled never")
+    source.add_argument(
+        "--map", type=Path, help="truth map (MRC): a cube of --box voxels, used as it is"
+    )
     parser.add_argument("--n", type=int, default=1000, help="number of particles (1000)")
     parser.add_argument("--box", type=int, default=64, help="box size in pixels (64)")
     parser.add_argument(
@@ -118,8 +120,8 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(None, f"--pixel_size must be positive, got {args.pixel_size}")
     if args.j > 0:
         torch.set_num_threads(args.j)
+    truth, pixel, source = _truth(args)  # check the input before creating anything
     ensure_writable_dir(args.o)
-    truth, pixel, source = _truth(args)
     try:
         config = SimulationConfig(
             n_particles=args.n,
