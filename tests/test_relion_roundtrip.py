@@ -82,32 +82,35 @@ def _own_reconstruction(paths: dict, posed: pd.DataFrame) -> torch.Tensor:
     h = big // 2 + 1
     k = rfft_coords(s).double()
     inside = k.norm(dim=-1) < s / 2
-    num = torch.zeros(big * big * h, dtype=torch.complex128)
-    den = torch.zeros(big * big * h, dtype=torch.float64)
     root = paths["truth"].parent
+    idx = (s // 2 - torch.fft.fftfreq(s, 1 / s).long()) % s  # the cube holds k at s/2 − k
+    idx_x = (s // 2 - torch.arange(s // 2 + 1)) % s
+    values, weights, targets = [], [], []
     for _, row in posed.iterrows():
         volume = torch.from_numpy(mrcfile.read(root / row["rlnImageName"]).astype(np.float64))
         cube = torch.from_numpy(mrcfile.read(root / row["rlnCtfImage"]).astype(np.float64))
-        idx = (s // 2 - torch.fft.fftfreq(s, 1 / s).long()) % s  # cube holds k at s/2 − k
-        ctf = cube[idx][:, idx][:, :, (s // 2 - torch.arange(s // 2 + 1)) % s]
+        ctf = cube[idx][:, idx][:, :, idx_x]
         A = euler_to_matrix(*(torch.tensor(float(row[a])) for a in POSE_LABELS)).double()
         origin = torch.tensor([float(row[a]) for a in ORIGIN_LABELS], dtype=torch.float64) / PIXEL
         phase = torch.exp(-2j * math.pi * (k @ origin) / s)
-        value = (ctf * centred_rfft(volume) * phase)[inside]
-        weight = (ctf * ctf)[inside]
-        target = 2.0 * (k[inside] @ A)  # Aᵀk, oversampled
-        flip = target[:, 0] < 0
-        target = torch.where(flip[:, None], -target, target)
-        value = torch.where(flip, value.conj(), value)
-        base = torch.floor(target).long()
-        frac = target - base
-        for corner in range(8):
-            d = torch.tensor([(corner >> 0) & 1, (corner >> 1) & 1, (corner >> 2) & 1])
-            w = torch.where(d.bool(), frac, 1 - frac).prod(-1)
-            c = base + d
-            index = ((c[:, 2] % big) * big + c[:, 1] % big) * h + c[:, 0].clamp(max=h - 1)
-            num.index_add_(0, index, w * value)
-            den.index_add_(0, index, w * weight)
+        values.append((ctf * centred_rfft(volume) * phase)[inside])
+        weights.append((ctf * ctf)[inside])
+        targets.append(2.0 * (k[inside] @ A))  # Aᵀk on the 2× oversampled grid
+    value, weight, target = torch.cat(values), torch.cat(weights), torch.cat(targets)
+    flip = target[:, 0] < 0
+    target = torch.where(flip[:, None], -target, target)
+    value = torch.where(flip, value.conj(), value)
+    base = torch.floor(target).long()
+    frac = target - base
+    num = torch.zeros(big * big * h, dtype=torch.complex128)
+    den = torch.zeros(big * big * h, dtype=torch.float64)
+    for corner in range(8):
+        d = torch.tensor([(corner >> 0) & 1, (corner >> 1) & 1, (corner >> 2) & 1])
+        w = torch.where(d.bool(), frac, 1 - frac).prod(-1)
+        c = base + d
+        index = ((c[:, 2] % big) * big + c[:, 1] % big) * h + c[:, 0].clamp(max=h - 1)
+        num.index_add_(0, index, w * value)
+        den.index_add_(0, index, w * weight)
     ratio = torch.where(den > 1e-3 * den.max(), num / den.clamp_min(1e-30), 0 * num)
     padded = centred_irfft(ratio.reshape(big, big, h), big)
     lo = big // 2 - s // 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -221,7 +222,7 @@ def test_particle_sits_at_box_centre_minus_origin() -> None:
     draws = draw_particles(config)
     point = torch.zeros(BOX, BOX, BOX)
     point[BOX // 2, BOX // 2, BOX // 2] = 1.0
-    sim = Simulator(point, SimulationConfig(**{**config.__dict__, "apply_ctf": False}))
+    sim = Simulator(point, dataclasses.replace(config, apply_ctf=False))
     data = centred_irfft(sim.simulate(draws, torch.arange(1)).data)[0]
     peak = torch.tensor(np.unravel_index(int(data.argmax()), data.shape)[::-1])
     expected = BOX // 2 - draws.origins_a[0] / PIXEL
