@@ -24,7 +24,8 @@ their dose weights) and the defocus range. It is computed from the truth's radia
 spectrum, so it does not depend on the random draws.
 
 Truth sampling: the truth is padded twice, pre-divided by the trilinear-interpolation
-apodisation (sinc², as RELION's projector), and sampled trilinearly (:func:`sample_rfft`).
+apodisation (sinc², as RELION's projector), and sampled trilinearly (:func:`sample_rfft`);
+the slices are band-limited to the Nyquist radius ``|k| ≤ s/2``.
 """
 
 from __future__ import annotations
@@ -189,6 +190,8 @@ class Simulator:
         self.scheme = config.tilt_scheme
         self.rotations = tilt_rotations(self.scheme.tilt_angles_deg)  # (f, 3, 3)
         self.slice_k = slice_frequencies(s, self.rotations).float()  # (f, s, h, 3)
+        # band limit at Nyquist radius: the 2D corners would read wrapped frequencies
+        self.band = (self.slice_k.norm(dim=-1) <= s / 2).float()  # (f, s, h)
         freq = rfft2_frequencies(s, config.pixel_size_a)  # (s, h, 2) 1/Å
         self.freq = freq
         k = freq.norm(dim=-1)
@@ -226,7 +229,7 @@ class Simulator:
         values = sample_rfft(self.truth_ft, _PAD * coords)
         origin_px = (origins_a / self.config.pixel_size_a).float()
         phase = (2 * math.pi / s) * torch.einsum("fyxj,bj->bfyx", self.slice_k, origin_px)
-        return values * torch.polar(torch.ones_like(phase), phase)
+        return values * torch.polar(self.band.expand_as(phase), phase)
 
     def noise(self, seeds: torch.Tensor) -> torch.Tensor:
         """White noise of σ per pixel in every tilt image, ``(b, f, s, s//2+1)`` complex64."""
