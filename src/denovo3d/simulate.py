@@ -284,6 +284,7 @@ class Simulator:
         weight[:, 0] = 1.0
         weight[:, -1] = 1.0
         weight[0, 0] = 0.0  # the mean does not count in the variance
+        weight = weight * (r <= s / 2)  # the slices are band-limited at Nyquist
         signal = float((weight * ps2d * c2).sum()) / s**4
         return math.sqrt(signal / cfg.snr)
 
