@@ -44,18 +44,20 @@ def make_particles(
     ctf2 = wedge_ctf2(box, 0.5 + torch.rand(n, generator=g)).double()
     k = rfft_coords(box).double()
     kf = k.reshape(-1, 3)
-    data = torch.empty((n, *ctf2.shape[1:]), dtype=torch.complex128)
-    for i in range(n):
-        proj = sample_rfft(ft, kf @ A[i]).reshape(ctf2.shape[1:])
-        phase = -2 * math.pi * (kf @ offsets[i]).reshape(ctf2.shape[1:]) / box
-        clean = ctf2[i] * proj * torch.polar(torch.ones_like(phase), phase)
+    data = torch.empty((n, *ctf2.shape[1:]), dtype=torch.complex64)
+    shape = ctf2.shape[1:]
+    for s in range(0, n, 16):
+        e = min(n, s + 16)
+        proj = sample_rfft(ft, kf @ A[s:e]).reshape(e - s, *shape)
+        phase = -2 * math.pi * (offsets[s:e] @ kf.T).reshape(e - s, *shape) / box
+        clean = ctf2[s:e] * proj * torch.polar(torch.ones_like(phase), phase)
         noise = torch.randn(*clean.shape, 2, generator=g, dtype=torch.float64)
-        noise = torch.view_as_complex(noise) * torch.sqrt(ctf2[i] * noise_sigma2)
-        data[i] = clean + noise
+        noise = torch.view_as_complex(noise) * torch.sqrt(ctf2[s:e] * noise_sigma2)
+        data[s:e] = (clean + noise).to(torch.complex64)
     mult = (ctf2 > 0).float()
     rot, tilt, psi = matrix_to_euler(A)
     return {
-        "data": data.to(torch.complex64),
+        "data": data,
         "ctf2": ctf2.float(),
         "multiplicity": mult,
         "rotations": A,
@@ -101,3 +103,76 @@ class InMemoryParticles:
         if box < self.box:
             t = [self._crop(x, box) for x in t]
         return self._batch(idx.to(device), *(x.to(device) for x in t))
+
+
+def true_pose_reconstruction(parts: dict, box: int) -> torch.Tensor:
+    """Reconstruction ``Σ D·e^{+iφ} / Σ C`` (back-projected with the true poses), real space."""
+    from denovo3d.engine.projector import backproject
+    from denovo3d.engine.voxels import VoxelSet
+    from denovo3d.fourier import centred_irfft
+
+    vox = VoxelSet.build(box, box / 2)
+    num = torch.zeros(box, box, box // 2 + 1, dtype=torch.complex64)
+    den = torch.zeros(box, box, box // 2 + 1)
+    w = 0.5 * vox.friedel
+    for s in range(0, parts["data"].shape[0], 32):
+        A = parts["rotations"][s : s + 32].float()
+        d = vox.take(parts["data"][s : s + 32]) * vox.phases(parts["offsets_px"][s : s + 32], box)
+        coords = vox.coords @ A
+        num += backproject(d * w, coords, box)
+        den += backproject(vox.take(parts["ctf2"][s : s + 32]) * w, coords, box)
+    ft = num / den.clamp_min(1e-3 * float(den.mean()))
+    return centred_irfft(ft, box)
+
+
+def write_project(root, parts: dict, pixel_size_a: float):
+    """Write ``parts`` as a RELION-4 pseudo-subtomogram set under ``root``; returns the
+    particles.star path (data: real-space volumes; weights: ΣCTF² and multiplicity blocks)."""
+    from pathlib import Path
+
+    import numpy as np
+    import pandas as pd
+
+    from denovo3d.fourier import centred_irfft
+    from denovo3d.io.mrc import write_mrc
+    from denovo3d.io.star import write_star
+
+    root = Path(root)
+    (root / "Subtomograms").mkdir(parents=True, exist_ok=True)
+    n, box = parts["data"].shape[0], parts["data"].shape[-2]
+    rows = []
+    for i in range(n):
+        stem = f"Subtomograms/p{i:04d}"
+        vol = centred_irfft(parts["data"][i].to(torch.complex128), box).float().numpy()
+        weights = torch.cat([parts["ctf2"][i], parts["multiplicity"][i]]).numpy()
+        write_mrc(root / f"{stem}_data.mrc", vol, pixel_size_a)
+        write_mrc(root / f"{stem}_weights.mrc", np.ascontiguousarray(weights), 1 / pixel_size_a)
+        rows.append(
+            {
+                "rlnTomoName": "TS_01",
+                "rlnTomoParticleName": f"TS_01/{i + 1}",
+                "rlnRandomSubset": i % 2 + 1,
+                "rlnOpticsGroup": 1,
+                "rlnOriginXAngst": 0.0,
+                "rlnOriginYAngst": 0.0,
+                "rlnOriginZAngst": 0.0,
+                "rlnImageName": f"{stem}_data.mrc",
+                "rlnCtfImage": f"{stem}_weights.mrc",
+            }
+        )
+    optics = pd.DataFrame(
+        {
+            "rlnOpticsGroup": [1],
+            "rlnOpticsGroupName": ["opticsGroup1"],
+            "rlnSphericalAberration": [2.7],
+            "rlnVoltage": [300.0],
+            "rlnAmplitudeContrast": [0.07],
+            "rlnCtfDataAreCtfPremultiplied": [1],
+            "rlnImageDimensionality": [3],
+            "rlnImagePixelSize": [pixel_size_a],
+            "rlnImageSize": [box],
+        }
+    )
+    path = root / "particles.star"
+    write_star(path, {"optics": optics, "particles": pd.DataFrame(rows)})
+    return path

@@ -19,13 +19,14 @@ import torch
 
 from denovo3d.config import RefineConfig, VdamSchedule
 from denovo3d.engine.expectation import Alignment, PassGrid, Search, align
-from denovo3d.engine.maximization import Accumulators, accumulate, finalise
+from denovo3d.engine.maximization import Accumulators, accumulate
 from denovo3d.engine.noise import (
     initial_sigma2,
     update_class_fractions,
     update_sigma2,
     update_sigma2_offset,
 )
+from denovo3d.engine.projector import full_centred
 from denovo3d.engine.references import (
     initial_references,
     mask_particles,
@@ -221,6 +222,7 @@ def iterate(state: RefineState, cfg: RefineConfig, schedule: VdamSchedule, ps, d
     rows_all = torch.randperm(ps.n, generator=_generator(cfg, it))[:n_batch].numpy()
     grids = _grids(state, cfg, ps, it, device)
     refs_ft = _reference_transforms(state.refs, state.current_size)
+    refs_full = full_centred(refs_ft)
     acc = Accumulators.zeros(K, S, S // 2 + 1, refs_ft)
     halves = torch.as_tensor(ps.random_subset - 1, device=device)
     fine = grids.search.fine
@@ -228,7 +230,7 @@ def iterate(state: RefineState, cfg: RefineConfig, schedule: VdamSchedule, ps, d
     for start in range(0, n_batch, cfg.sub_batch):
         rows = rows_all[start : start + cfg.sub_batch]
         batch, aligned = _load(ps, rows, grids.box_load, device, cfg)
-        al = align(aligned, batch.ctf2, refs_ft, grids.search)
+        al = align(aligned, batch.ctf2, refs_full, grids.search)
         half = halves[torch.as_tensor(rows, device=device)]
         data_f, ctf_f = fine.voxels.take(batch.data), fine.voxels.take(batch.ctf2)
         accumulate(
@@ -237,7 +239,7 @@ def iterate(state: RefineState, cfg: RefineConfig, schedule: VdamSchedule, ps, d
             ctf_f,
             half,
             al,
-            refs_ft,
+            refs_full,
             fine,
             state.sigma2.to(device),
             cfg.memory_budget_bytes,
@@ -245,7 +247,6 @@ def iterate(state: RefineState, cfg: RefineConfig, schedule: VdamSchedule, ps, d
         _record(state, rows, al, grids)
         pmax.append(al.max_prob.cpu())
         loglik.append(al.log_evidence.cpu())
-    finalise(acc)
     step_k = step * (1 - torch.exp(-(3 * K + 10) * state.pdf_class)).to(device)
     new_ft, fsc = vdam_update(
         refs_ft, acc.data, acc.weight, state.moments, step_k, tau2, state.current_size / 2
@@ -275,11 +276,11 @@ def iterate(state: RefineState, cfg: RefineConfig, schedule: VdamSchedule, ps, d
 def assign_all(state: RefineState, cfg: RefineConfig, ps, device) -> None:
     """Best pose of every particle against the final references (no update)."""
     grids = _grids(state, cfg, ps, state.iteration, device)
-    refs_ft = _reference_transforms(state.refs, state.current_size)
+    refs_full = full_centred(_reference_transforms(state.refs, state.current_size))
     for start in range(0, ps.n, cfg.sub_batch):
         rows = np.arange(start, min(ps.n, start + cfg.sub_batch))
         batch, aligned = _load(ps, rows, grids.box_load, device, cfg)
-        _record(state, rows, align(aligned, batch.ctf2, refs_ft, grids.search), grids)
+        _record(state, rows, align(aligned, batch.ctf2, refs_full, grids.search), grids)
 
 
 def checkpoint_path(cfg: RefineConfig) -> Path:

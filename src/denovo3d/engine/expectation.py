@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from denovo3d.engine.projector import gather
 from denovo3d.engine.voxels import VoxelSet
-from denovo3d.fourier import sample_rfft
 
 __all__ = [
     "Alignment",
@@ -73,17 +73,22 @@ class Alignment:
 
 
 def project(
-    refs_ft: torch.Tensor, rotations: torch.Tensor, voxels: VoxelSet, chunk: int = 256
+    refs_full: torch.Tensor, rotations: torch.Tensor, voxels: VoxelSet, chunk: int = 256
 ) -> torch.Tensor:
-    """Rotated references ``P[k, o, v] = F_k(k_v @ A_o)``: refs ``(K, s, s, s//2+1)``, rotations
-    ``(O, 3, 3)`` -> ``(K, O, V)`` complex (trilinear, Friedel-aware)."""
-    K = refs_ft.shape[0]
-    out = refs_ft.new_empty((K, rotations.shape[0], len(voxels)))
+    """Rotated references ``P[k, o, v] = F_k(k_v @ A_o)``: full centred references
+    ``(K, 2, S, S, S)`` (:func:`~denovo3d.engine.projector.full_centred`), rotations
+    ``(O, 3, 3)`` -> ``(K, O, V)`` complex (trilinear)."""
+    K = refs_full.shape[0]
+    out = torch.empty(
+        (K, rotations.shape[0], len(voxels)),
+        dtype=torch.complex64 if refs_full.dtype == torch.float32 else torch.complex128,
+        device=refs_full.device,
+    )
     rot = rotations.to(voxels.coords.dtype)
     for start in range(0, rot.shape[0], chunk):
         q = voxels.coords @ rot[start : start + chunk]  # (o, V, 3)
         for k in range(K):
-            out[k, start : start + chunk] = sample_rfft(refs_ft[k], q)
+            out[k, start : start + chunk] = gather(refs_full[k], q)
     return out
 
 
@@ -141,7 +146,7 @@ def _children(parents: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor,
 def fine_search(
     data: torch.Tensor,
     ctf2: torch.Tensor,
-    refs_ft: torch.Tensor,
+    refs_full: torch.Tensor,
     coarse_sig: torch.Tensor,
     grid: PassGrid,
     log_prior_offset: torch.Tensor,
@@ -159,49 +164,90 @@ def fine_search(
     o_idx, o_ok = _children(*_padded_rows(coarse_sig.any(dim=1)))  # (b, n_o)
     t_idx, t_ok = _children(*_padded_rows(coarse_sig.any(dim=2)))  # (b, n_t)
     union = torch.unique(o_idx[o_ok])
-    proj_u = refs_ft.new_empty((union.numel(), len(grid.voxels)))
-    for k in range(refs_ft.shape[0]):
+    proj_u = torch.empty((union.numel(), len(grid.voxels)), dtype=data.dtype, device=data.device)
+    for k in range(refs_full.shape[0]):
         sel = torch.nonzero(union // n_orient == k).squeeze(1)
         if sel.numel():
             rot = grid.rotations[union[sel] % n_orient]
-            proj_u[sel] = project(refs_ft[k : k + 1], rot, grid.voxels)[0]
+            proj_u[sel] = project(refs_full[k : k + 1], rot, grid.voxels)[0]
     pos = torch.searchsorted(union, o_idx.clamp(max=int(union.max())))
     phases = grid.phases()  # (T_f, V)
-    n_o, n_t, V = o_idx.shape[1], t_idx.shape[1], len(grid.voxels)
-    per_particle = 4 * 2 * V * (3 * n_o + 2 * n_t) + 4 * n_o * n_t * 4
-    chunk = max(1, min(b, budget_bytes // max(per_particle, 1)))
-    scores = data.real.new_empty((b, n_t, n_o))
-    for s in range(0, b, chunk):
-        e = min(b, s + chunk)
-        p = proj_u[pos[s:e]]  # (c, n_o, V)
-        y = (data[s:e] * grid.inv_sigma2)[:, None, :] * phases[t_idx[s:e]]  # (c, n_t, V)
-        cross = torch.bmm(_real(y), _real(p).transpose(1, 2))  # (c, n_t, n_o)
-        power = p.real**2 + p.imag**2
-        norm = torch.bmm((0.5 * ctf2[s:e] * grid.inv_sigma2)[:, None, :], power.transpose(1, 2))
-        scores[s:e] = cross - norm
-    scores = scores + log_prior_offset[t_idx][:, :, None] + log_prior_ko[o_idx][:, None, :]
-    valid = t_ok[:, :, None] & o_ok[:, None, :]
-    scores = scores.masked_fill(~valid, float("-inf")).reshape(b, -1)
-    log_evidence = torch.logsumexp(scores, dim=1)
-    prob = torch.exp(scores - log_evidence[:, None])
+    n_o_all, n_t_all = o_ok.sum(dim=1), t_ok.sum(dim=1)
+    order = torch.argsort(n_o_all * n_t_all)  # similar sizes share a group: little padding
+    V = len(grid.voxels)
+    parts, g0 = [], 0
+    while g0 < b:
+        rows = order[g0 : g0 + 64]
+        n_o, n_t = int(n_o_all[rows].max()), int(n_t_all[rows].max())
+        per_particle = 8 * V * (3 * n_o + 2 * n_t) + 16 * n_o * n_t
+        rows = rows[: max(1, budget_bytes // per_particle)]
+        n_o, n_t = int(n_o_all[rows].max()), int(n_t_all[rows].max())
+        proj = proj_u[pos[rows, :n_o]]  # (g, n_o, V)
+        y = (data[rows] * grid.inv_sigma2)[:, None, :] * phases[t_idx[rows, :n_t]]
+        cross = torch.bmm(_real(y), _real(proj).transpose(1, 2))  # (g, n_t, n_o)
+        power = (proj.real**2 + proj.imag**2).transpose(1, 2)
+        norm = torch.bmm((0.5 * ctf2[rows] * grid.inv_sigma2)[:, None, :], power)
+        scores = (
+            cross
+            - norm
+            + log_prior_offset[t_idx[rows, :n_t]][:, :, None]
+            + log_prior_ko[o_idx[rows, :n_o]][:, None, :]
+        )
+        valid = t_ok[rows, :n_t, None] & o_ok[rows, None, :n_o]
+        scores = scores.masked_fill(~valid, float("-inf"))
+        parts.append(
+            (_posteriors(scores, rows, o_idx[rows, :n_o], t_idx[rows, :n_t], fraction), rows)
+        )
+        g0 += rows.numel()
+    return _merge(parts, b)
+
+
+def _posteriors(
+    scores: torch.Tensor,
+    rows: torch.Tensor,
+    o_idx: torch.Tensor,
+    t_idx: torch.Tensor,
+    fraction: float,
+) -> Alignment:
+    """Softmax of ``scores (g, n_t, n_o)`` per particle, the kept samples and the best one."""
+    g, _, n_o = scores.shape
+    flat_scores = scores.reshape(g, -1)
+    log_evidence = torch.logsumexp(flat_scores, dim=1)
+    prob = torch.exp(flat_scores - log_evidence[:, None])
     keep = significant_mask(prob, fraction, prob.shape[1])
-    particle, flat = torch.nonzero(keep, as_tuple=True)
-    weight = prob[particle, flat]
-    weight = weight / torch.zeros_like(log_evidence).index_add_(0, particle, weight)[particle]
-    ti, oi = flat // n_o, flat % n_o
+    local, flat = torch.nonzero(keep, as_tuple=True)
+    weight = prob[local, flat]
+    weight = weight / torch.zeros_like(log_evidence).index_add_(0, local, weight)[local]
     best = prob.argmax(dim=1)
-    rows = torch.arange(b, device=data.device)
+    ar = torch.arange(g, device=scores.device)
     return Alignment(
-        particle=particle,
-        ko=o_idx[particle, oi],
-        offset=t_idx[particle, ti],
+        particle=rows[local],
+        ko=o_idx[local, flat % n_o],
+        offset=t_idx[local, flat // n_o],
         weight=weight,
-        best_ko=o_idx[rows, best % n_o],
-        best_offset=t_idx[rows, best // n_o],
-        max_prob=prob[rows, best],
+        best_ko=o_idx[ar, best % n_o],
+        best_offset=t_idx[ar, best // n_o],
+        max_prob=prob[ar, best],
         n_significant=keep.sum(dim=1),
         log_evidence=log_evidence,
     )
+
+
+_PER_PARTICLE = ("best_ko", "best_offset", "max_prob", "n_significant", "log_evidence")
+
+
+def _merge(parts: list[tuple[Alignment, torch.Tensor]], b: int) -> Alignment:
+    """Groups of particles ``(alignment, rows of the batch)`` -> one batch Alignment."""
+    rows = torch.cat([r for _, r in parts])
+    fields = {}
+    for name in Alignment.__dataclass_fields__:
+        values = torch.cat([getattr(p, name) for p, _ in parts])
+        if name in _PER_PARTICLE:
+            out = values.new_empty(b)
+            out[rows] = values
+            values = out
+        fields[name] = values
+    return Alignment(**fields)
 
 
 @dataclass(frozen=True)
@@ -236,16 +282,19 @@ def _cat(parts: list[Alignment], starts: list[int]) -> Alignment:
 
 
 def align(
-    data: torch.Tensor, ctf2: torch.Tensor, refs_ft: torch.Tensor, search: Search
+    data: torch.Tensor, ctf2: torch.Tensor, refs_full: torch.Tensor, search: Search
 ) -> Alignment:
     """Coarse then fine search for a batch.
 
     ``data (b, s, s, s//2+1)`` complex and ``ctf2`` (same shape) at the box both VoxelSets index;
-    ``refs_ft (K, S, S, S//2+1)`` the references' transforms (zero beyond the current radius).
+    ``refs_full (K, 2, S, S, S)`` the references' full centred transforms (zero beyond the
+    current radius).
     """
     c_grid, f_grid = search.coarse, search.fine
-    K = refs_ft.shape[0]
-    proj = project(refs_ft, c_grid.rotations, c_grid.voxels).reshape(K * len(c_grid.rotations), -1)
+    K = refs_full.shape[0]
+    proj = project(refs_full, c_grid.rotations, c_grid.voxels).reshape(
+        K * len(c_grid.rotations), -1
+    )
     log_prior = (
         search.log_prior_offset(c_grid.offsets_px)[:, None]
         + search.log_prior_ko(len(c_grid.rotations))[None, :]
@@ -268,7 +317,7 @@ def align(
             fine_search(
                 f_grid.voxels.take(d),
                 f_grid.voxels.take(c),
-                refs_ft,
+                refs_full,
                 sig,
                 f_grid,
                 prior_t_fine,

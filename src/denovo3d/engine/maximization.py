@@ -8,7 +8,8 @@ For the kept samples e = (particle i, class k, rotation o, offset t, weight w), 
     weight[k,h] += splat_{A_o}( Σ_e w·C_i / σ² )
 
 (RELION's premultiplied-data back-projection, no division by the multiplicity), with the half-grid
-Friedel weights folded in so that :func:`finalise` gives full-space sums.
+Friedel weights folded in (:func:`~denovo3d.engine.projector.backproject`), so the
+accumulators are full-space sums on the half grid.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from denovo3d.engine.expectation import Alignment, PassGrid, project
-from denovo3d.engine.voxels import hermitian_complete
-from denovo3d.fourier import splat_rfft
+from denovo3d.engine.projector import backproject
 
-__all__ = ["Accumulators", "accumulate", "finalise"]
+__all__ = ["Accumulators", "accumulate"]
 
 
 @dataclass
@@ -59,7 +59,7 @@ def accumulate(
     ctf2: torch.Tensor,
     half: torch.Tensor,
     alignment: Alignment,
-    refs_ft: torch.Tensor,
+    refs_full: torch.Tensor,
     grid: PassGrid,
     sigma2: torch.Tensor,
     budget_bytes: int = 1 << 30,
@@ -71,7 +71,7 @@ def accumulate(
     """
     vox = grid.voxels
     n_orient = grid.rotations.shape[0]
-    K = refs_ft.shape[0]
+    K = refs_full.shape[0]
     box = acc.data.shape[-2]
     inv_s2 = 1.0 / sigma2.to(vox.coords)[vox.shell]  # (V,)
     splat_w = 0.5 * vox.friedel * inv_s2
@@ -106,11 +106,11 @@ def accumulate(
         g_cls = g_keys // (2 * n_orient)
         g_half = (g_keys // n_orient) % 2
         g_rot = grid.rotations[g_keys % n_orient].to(vox.coords)
-        proj_g = refs_ft.new_empty((n_g, len(vox)))
+        proj_g = torch.empty((n_g, len(vox)), dtype=data.dtype, device=data.device)
         for k in range(K):
             mine = torch.nonzero(g_cls == k).squeeze(1)
             if mine.numel():
-                proj_g[mine] = project(refs_ft[k : k + 1], g_rot[mine], vox)[0]
+                proj_g[mine] = project(refs_full[k : k + 1], g_rot[mine], vox)[0]
         resid = shifted - c * proj_g[local]
         power = (resid.real**2 + resid.imag**2) * (w[:, None] * vox.friedel)
         acc.sigma2_num.index_add_(0, vox.shell, power.sum(0).double())
@@ -125,14 +125,7 @@ def accumulate(
             for h in range(2):
                 mine = torch.nonzero((g_cls == k) & (g_half == h)).squeeze(1)
                 if mine.numel():
-                    acc.data[k, h] += splat_rfft(values[mine], coords[mine], box)
-                    acc.weight[k, h] += splat_rfft(weights[mine], coords[mine], box)
+                    acc.data[k, h] += backproject(values[mine], coords[mine], box)
+                    acc.weight[k, h] += backproject(weights[mine], coords[mine], box)
         e0 = e1
     acc.n_particles += int(data.shape[0])
-
-
-def finalise(acc: Accumulators) -> Accumulators:
-    """Complete the ``kx = 0`` planes with their Friedel mates (call once, after all batches)."""
-    acc.data = hermitian_complete(acc.data)
-    acc.weight = hermitian_complete(acc.weight)
-    return acc

@@ -10,6 +10,7 @@ import math
 import torch
 
 from denovo3d.engine.expectation import PassGrid, Search, align
+from denovo3d.engine.projector import full_centred
 from denovo3d.engine.voxels import VoxelSet
 from denovo3d.fourier import centred_irfft, centred_rfft, sample_rfft
 from denovo3d.geometry.sampling import (
@@ -58,7 +59,7 @@ def _global(ft: torch.Tensor, ref_ft: torch.Tensor, radius: float):
     search = Search(grid_c, grid_f, torch.zeros(1), 1e6, 0.999, 50)
     ctf = torch.ones((1, *ft.shape), device=ft.device)
     data = (ft / norm)[None].to(torch.complex64)
-    al = align(data, ctf, (ref_ft / norm)[None].to(torch.complex64), search)
+    al = align(data, ctf, full_centred((ref_ft / norm)[None].to(torch.complex64)), search)
     rot = fine.matrices()[al.best_ko[0]]
     shift = grid_f.offsets_px[al.best_offset[0]].double()
     return rot, shift

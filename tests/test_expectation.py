@@ -1,0 +1,143 @@
+"""E-step conventions: GEMM scores vs a direct per-pose sum, true poses win, the gather/scatter
+pair is adjoint, the memory budget does not change results."""
+
+from __future__ import annotations
+
+import torch
+
+from denovo3d.engine.expectation import (
+    PassGrid,
+    Search,
+    align,
+    coarse_scores,
+    project,
+    significant_mask,
+)
+from denovo3d.engine.projector import backproject, full_centred, gather
+from denovo3d.engine.voxels import VoxelSet, hermitian_complete
+from denovo3d.fourier import centred_rfft, phase_shift, rfft_radius, sample_rfft, splat_rfft
+from denovo3d.geometry.euler import random_rotations
+from denovo3d.geometry.sampling import (
+    OrientationGrid,
+    offset_children,
+    offset_grid,
+    orientation_children,
+)
+from tests.refine_synthetic import make_particles
+
+
+def _blobs(box: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    axis = torch.arange(box, dtype=torch.float64) - box // 2
+    z, y, x = torch.meshgrid(axis, axis, axis, indexing="ij")
+    vol = torch.zeros(box, box, box, dtype=torch.float64)
+    for _ in range(6):
+        c = (torch.rand(3, generator=g, dtype=torch.float64) - 0.5) * box * 0.4
+        vol += torch.exp(-((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2) / 4.0)
+    return vol
+
+
+def test_gemm_scores_equal_a_direct_sum_per_pose() -> None:
+    box, radius = 12, 5.0
+    refs = torch.stack([_blobs(box, 1), _blobs(box, 2)])
+    refs_ft = centred_rfft(refs) * (rfft_radius(box) < radius)
+    data = torch.randn(3, box, box, box // 2 + 1, dtype=torch.complex128)
+    ctf2 = torch.rand(3, box, box, box // 2 + 1, dtype=torch.float64)
+    vox = VoxelSet.build(box, radius, dtype=torch.float64)
+    sigma2 = torch.rand(box // 2 + 1, dtype=torch.float64) + 0.5
+    inv = vox.friedel / sigma2[vox.shell]
+    rot = random_rotations(4, torch.Generator().manual_seed(3))
+    offsets = torch.tensor([[0.0, 0.0, 0.0], [1.5, -2.0, 0.5]], dtype=torch.float64)
+    grid = PassGrid(rot, offsets, vox, inv, box)
+    proj = project(full_centred(refs_ft), rot, vox).reshape(8, -1)
+    prior = torch.randn(2, 8, dtype=torch.float64)
+    got = coarse_scores(vox.take(data), vox.take(ctf2), proj, grid, prior)
+    expected = torch.empty(3, 2, 8, dtype=torch.float64)
+    for i in range(3):
+        for t in range(2):
+            for k in range(2):
+                for o in range(4):
+                    p = sample_rfft(refs_ft[k], vox.coords @ rot[o])
+                    p_t = phase_shift(p, offsets[t], vox.coords / box)
+                    d, c = vox.take(data[i]), vox.take(ctf2[i])
+                    cross = ((d.conj() * p_t).real * inv).sum()
+                    norm = 0.5 * (c * p.abs() ** 2 * inv).sum()
+                    expected[i, t, k * 4 + o] = cross - norm + prior[t, k * 4 + o]
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_projector_matches_sample_rfft_and_splat_is_its_adjoint() -> None:
+    box = 16
+    half = centred_rfft(_blobs(box, 4)) * (rfft_radius(box) < 7)
+    q = (torch.rand(5, 200, 3, dtype=torch.float64) - 0.5) * 12
+    torch.testing.assert_close(gather(full_centred(half[None])[0], q), sample_rfft(half, q))
+    v = torch.randn(5, 200, dtype=torch.complex128)
+    f = torch.randn(box, box, box // 2 + 1, dtype=torch.complex128)
+    lhs = (sample_rfft(f, q).conj() * v).real.sum()
+    rhs = (f.conj() * splat_rfft(v, q, box)).real.sum()
+    torch.testing.assert_close(lhs, rhs)
+    torch.testing.assert_close(backproject(v, q, box), hermitian_complete(splat_rfft(v, q, box)))
+
+
+def _search(box: int, sigma2: float, budget: int = 1 << 30) -> Search:
+    coarse = OrientationGrid.build(1)
+    fine = orientation_children(coarse)
+    t_c = offset_grid(2.0, 2.0)
+    vox = VoxelSet.build(box, box / 2)
+    inv = vox.friedel / sigma2
+    return Search(
+        PassGrid(coarse.matrices().float(), t_c.float(), VoxelSet.build(box, 6), inv[:0], box),
+        PassGrid(fine.matrices().float(), offset_children(t_c, 2.0).float(), vox, inv, box),
+        torch.zeros(1),
+        100.0,
+        budget_bytes=budget,
+    )
+
+
+def _with_inv(search: Search, sigma2: float) -> Search:
+    c = search.coarse
+    inv = c.voxels.friedel / sigma2
+    return Search(
+        PassGrid(c.rotations, c.offsets_px, c.voxels, inv, c.box_px),
+        search.fine,
+        search.log_pdf_class,
+        search.sigma2_offset_px,
+        budget_bytes=search.budget_bytes,
+    )
+
+
+def test_true_pose_wins_on_noiseless_data() -> None:
+    box = 24
+    vol = _blobs(box, 7).float()
+    fine = orientation_children(OrientationGrid.build(1))
+    pick = torch.tensor([5, 900, 2500, 4000])
+    t_f = offset_children(offset_grid(2.0, 2.0), 2.0)
+    pick_t = torch.tensor([0, 17, 40, 55])
+    parts = make_particles(vol, 4, 0.0, 0.0, seed=2)
+    # re-make the particles at grid poses and grid offsets
+    from denovo3d.fourier import rfft_coords
+
+    ft = centred_rfft(vol.double())
+    k = rfft_coords(box).double().reshape(-1, 3)
+    data = []
+    for o, t in zip(pick.tolist(), pick_t.tolist(), strict=True):
+        p = sample_rfft(ft, k @ fine.matrices()[o])
+        data.append(phase_shift(p, t_f[t], k / box).reshape(box, box, box // 2 + 1))
+    data = torch.stack(data).to(torch.complex64) * parts["ctf2"]
+    refs_full = full_centred(centred_rfft(vol)[None].to(torch.complex64))
+    # a flat coarse pass (many significant samples, as noisy data give), a sharp fine pass
+    search = _with_inv(_search(box, 1.0), 1e6)
+    al = align(data, parts["ctf2"], refs_full, search)
+    assert al.best_ko.tolist() == pick.tolist()
+    assert al.best_offset.tolist() == pick_t.tolist()
+    small = _with_inv(_search(box, 1.0, budget=1 << 20), 1e6)
+    al2 = align(data, parts["ctf2"], refs_full, small)
+    assert al2.best_ko.tolist() == pick.tolist()
+    torch.testing.assert_close(al2.max_prob, al.max_prob)
+
+
+def test_significant_mask_keeps_the_weight_fraction() -> None:
+    prob = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.97, 0.01, 0.01, 0.01]])
+    keep = significant_mask(prob, 0.9, 10)
+    assert keep.tolist() == [[True, True, True, False], [True, False, False, False]]
+    assert significant_mask(prob, 0.999, 2).sum(dim=1).tolist() == [2, 2]
