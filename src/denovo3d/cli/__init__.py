@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "inspect": "inspect",
     "report": "report",
     "flip-hand": "flip_hand",
+    "refine": "refine",
     "simulate": "simulate",
 }
 
