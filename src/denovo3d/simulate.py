@@ -6,7 +6,9 @@ Per particle p and tilt f (all tensors batched over a chunk of particles):
   (pixels) uniform in a ball; the particle's transform is
   ``F_p(k) = F_truth(A_pᵀ k) · exp(+2πi k·o_p / s)``, i.e. its centre sits at ``s/2 − o_p``:
   RELION centres a particle by shifting it by ``+rlnOrigin`` (``relion_reconstruct``,
-  ``relion_refine``), and re-extraction re-centres at ``rlnCoordinate − rlnOrigin``;
+  ``relion_refine``), and re-extraction re-centres at ``rlnCoordinate − rlnOrigin``. Proved by
+  tests/test_relion_roundtrip.py: relion_reconstruct with the true poses gives our truth back
+  (FSC ~1 to Nyquist); the opposite origin sign or the transposed rotation fail;
 - tilt image (white particles; the raw image is the negative, and the writer's sign flip
   undoes it): ``X_pf(k2) = c_pf(k2) · F_p(R_fᵀ (k2, 0)) + n_pf(k2)``, with
   ``c_pf = CTF(defocus_pf) · dose_weight(pre-exposure_f)`` (:mod:`denovo3d.ctf`) and
@@ -14,7 +16,8 @@ Per particle p and tilt f (all tensors batched over a chunk of particles):
 - pseudo-subtomogram (``relion_tomo_subtomo``): slices ``c_pf · X_pf``, circle-cropped in real
   space, inserted by :class:`denovo3d.tilt_series.SliceInsertion`: ``D = Σ m c X``,
   ``C = Σ m c²``, ``M = Σ m``; the data file is ``irfftn(D)`` centred at ``s/2`` (so
-  ``centred_rfft(data) == D`` with torch's unnormalised FFT), the weights file holds C and M;
+  ``centred_rfft(data) == D`` with torch's unnormalised FFT; RELION's own files differ by a
+  constant FFT normalisation), the weights file holds C and M;
 - classic subtomogram (RELION 3.1): the slices ``X_pf`` inserted without premultiplication and
   divided by ``max(M, 1)``; its 3D CTF is ``Σ m c / max(M, 1)``, so ``data ≈ CTF3D · F_p``.
 
@@ -32,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -145,7 +148,6 @@ class SimulatedChunk:
     multiplicity: torch.Tensor  # M (s, s, s//2+1), shared
     classic_data: torch.Tensor | None = None  # complex64
     classic_ctf: torch.Tensor | None = None  # float32
-    extras: dict = field(default_factory=dict)
 
 
 def _gridding_corrected_padded_ft(volume: torch.Tensor) -> torch.Tensor:
