@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from denovo3d.engine.projector import full_centred, gather
 from denovo3d.fourier import centred_rfft, rfft_coords, sample_rfft
 from denovo3d.geometry.euler import matrix_to_euler, random_rotations
 
@@ -33,6 +34,7 @@ def make_particles(
     noise_sigma2: float,
     offset_px: float = 0.0,
     seed: int = 1,
+    fast: bool = False,
 ) -> dict:
     """Particles of ``volume (s, s, s)`` at random poses: data, ctf2, multiplicity, matrices,
     angles, offsets (px) and the noise level (σ² per real component per unit C)."""
@@ -46,9 +48,13 @@ def make_particles(
     kf = k.reshape(-1, 3)
     data = torch.empty((n, *ctf2.shape[1:]), dtype=torch.complex64)
     shape = ctf2.shape[1:]
+    full = full_centred(ft[None].to(torch.complex64))[0] if fast else None
     for s in range(0, n, 16):
         e = min(n, s + 16)
-        proj = sample_rfft(ft, kf @ A[s:e]).reshape(e - s, *shape)
+        if fast:  # the engine's grid_sample projector (benchmarks); tests use sample_rfft
+            proj = gather(full, (kf @ A[s:e]).float()).to(torch.complex128).reshape(e - s, *shape)
+        else:
+            proj = sample_rfft(ft, kf @ A[s:e]).reshape(e - s, *shape)
         phase = -2 * math.pi * (offsets[s:e] @ kf.T).reshape(e - s, *shape) / box
         clean = ctf2[s:e] * proj * torch.polar(torch.ones_like(phase), phase)
         noise = torch.randn(*clean.shape, 2, generator=g, dtype=torch.float64)

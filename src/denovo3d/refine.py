@@ -57,7 +57,8 @@ class RefineState:
 
     ``refs (K, S, S, S)`` real; ``sigma2 (S//2+1,)`` float64; ``pdf_class (K,)`` float64;
     ``fsc, ssnr (K, S//2+1)``; ``poses``: per-particle numpy arrays (``rot, tilt, psi`` degrees,
-    ``origin_px (n, 3)``, ``class_number`` 1-based, ``max_prob``, ``n_significant``,
+    ``origin_px (n, 3)`` (RELION's rlnOrigin in pixels: the shift that centres the particle, so
+    the particle sits at ``-origin``), ``class_number`` 1-based, ``max_prob``, ``n_significant``,
     ``log_likelihood``).
     """
 
@@ -197,7 +198,7 @@ def _record(state: RefineState, rows: np.ndarray, al: Alignment, grids: _Iterati
     offsets = grids.search.fine.offsets_px.cpu().double()[al.best_offset.cpu()]
     p = state.poses
     p["rot"][rows], p["tilt"][rows], p["psi"][rows] = rot.numpy(), tilt.numpy(), psi.numpy()
-    p["origin_px"][rows] = offsets.numpy()
+    p["origin_px"][rows] = -offsets.numpy()  # RELION's origin: the particle sits at -origin
     p["class_number"][rows] = (ko // n_orient).numpy() + 1
     p["max_prob"][rows] = al.max_prob.cpu().double().numpy()
     p["n_significant"][rows] = al.n_significant.cpu().numpy()

@@ -14,6 +14,7 @@ __all__ = [
     "initial_references",
     "mask_particles",
     "non_negative",
+    "reconstruct",
     "soft_mask_outside",
     "soft_sphere",
     "solvent_flatten",
@@ -91,3 +92,32 @@ def initial_references(
         ft = ft * keep.reshape(ft.shape)
         out.append(centred_irfft(ft, box))
     return torch.stack(out)
+
+
+def reconstruct(
+    data: torch.Tensor,
+    ctf2: torch.Tensor,
+    rotations: torch.Tensor,
+    offsets_px: torch.Tensor,
+    box_px: int,
+    chunk: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Back-projection sums with known poses: ``Σ D·e^{+2πi k·t/s}`` and ``Σ C`` on the half grid.
+
+    ``data, ctf2 (n, s, s, s//2+1)``; ``rotations (n, 3, 3)``; ``offsets_px (n, 3)`` where the
+    particles sit (``-rlnOrigin``). Returns ``(numerator complex, weight real)``, each
+    ``(s, s, s//2+1)``; the map is ``numerator / weight`` (floored).
+    """
+    from denovo3d.engine.projector import backproject
+
+    box = data.shape[-2]
+    vox = VoxelSet.build(box, box / 2, data.device)
+    half = 0.5 * vox.friedel
+    num = torch.zeros(box, box, box // 2 + 1, dtype=torch.complex64, device=data.device)
+    den = torch.zeros(box, box, box // 2 + 1, device=data.device)
+    for s in range(0, data.shape[0], chunk):
+        phases = vox.phases(offsets_px[s : s + chunk].float(), box_px)
+        coords = vox.coords @ rotations[s : s + chunk].float()
+        num += backproject(vox.take(data[s : s + chunk]) * phases * half, coords, box)
+        den += backproject(vox.take(ctf2[s : s + chunk]) * half, coords, box)
+    return num, den

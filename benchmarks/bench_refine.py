@@ -1,0 +1,238 @@
+"""Benchmark the refine job: speed of the E-step against the machine's GEMM rate, time per
+iteration as batch, box and angular sampling grow, peak memory, and quality on simulated data.
+
+Modes (all simulate their data with :mod:`denovo3d.simulate` first):
+  gemm      torch.matmul float32 FLOP/s on this machine (square 2048 and a skinny E-step shape)
+  estep     one iteration at a given batch/box/sampling: E-step time, its GEMM FLOPs, achieved
+            FLOP/s, whole-iteration time (--batch, --box, --healpix_order, --repeat)
+  scaling   estep over batch sizes, boxes and samplings
+  job       the whole job end to end (default: the standard dataset, 1,000 particles, box 64,
+            100 mini-batches, 15°, offsets 6/2 px), then FSC to the truth after superposition
+            and hand check, against a reconstruction with the true poses
+
+Usage:
+  .venv/bin/python benchmarks/bench_refine.py gemm
+  .venv/bin/python benchmarks/bench_refine.py estep --batch 200 --box 64
+  .venv/bin/python benchmarks/bench_refine.py scaling
+  .venv/bin/python benchmarks/bench_refine.py job [--n 1000 --box 64 --iter 100 --snr 0.1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from denovo3d import refine
+from denovo3d.config import RefineConfig, VdamSchedule
+from denovo3d.engine import expectation
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def gemm_rate(n: int = 2048, repeat: int = 5) -> dict[str, float]:
+    """Measured float32 matmul FLOP/s: square ``n`` and the E-step's skinny shape."""
+    out = {}
+    for name, (m, k, p) in {"square": (n, n, n), "estep": (12_000, 1_400, 576)}.items():
+        a, b = torch.randn(m, k), torch.randn(k, p)
+        a @ b
+        t = time.perf_counter()
+        for _ in range(repeat):
+            a @ b
+        out[name] = 2 * m * k * p * repeat / (time.perf_counter() - t)
+    return out
+
+
+class FlopCounter:
+    """Counts the GEMM FLOPs and time of the E-step by wrapping its matrix products."""
+
+    def __init__(self) -> None:
+        self.flops = 0.0
+        self.seconds = 0.0
+        self._bmm, self._align = torch.bmm, expectation.align
+
+    def __enter__(self) -> FlopCounter:
+        counter = self
+
+        def bmm(a, b, *args, **kwargs):
+            counter.flops += 2.0 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+            return counter._bmm(a, b, *args, **kwargs)
+
+        original_scores = expectation.coarse_scores
+
+        def coarse_scores(data, ctf2, proj, grid, log_prior):
+            b, v = data.shape
+            t, ko = grid.offsets_px.shape[0], proj.shape[0]
+            counter.flops += 2.0 * b * t * 2 * v * ko + 2.0 * b * v * ko
+            return original_scores(data, ctf2, proj, grid, log_prior)
+
+        def align(*args, **kwargs):
+            start = time.perf_counter()
+            result = counter._align(*args, **kwargs)
+            counter.seconds += time.perf_counter() - start
+            return result
+
+        self._scores = original_scores
+        torch.bmm = bmm
+        expectation.coarse_scores = coarse_scores
+        refine.align = align
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.bmm = self._bmm
+        expectation.coarse_scores = self._scores
+        refine.align = self._align
+
+
+def simulate(out: Path, n: int, box: int, pixel_size_a: float, snr: float, seed: int) -> dict:
+    from denovo3d.phantoms import make_phantom
+    from denovo3d.simulate import SimulationConfig, simulate_project
+
+    truth = make_phantom("c6_hexamer", box, pixel_size_a)
+    config = SimulationConfig(n_particles=n, box=box, pixel_size_a=pixel_size_a, snr=snr, seed=seed)
+    return simulate_project(out, truth, config)
+
+
+def _config(args, particles: Path, out: Path, **changes) -> RefineConfig:
+    base = dict(
+        input_path=str(particles),
+        output_root=str(out / "run"),
+        n_iter=args.iter,
+        particle_diameter_a=args.diameter,
+        flatten_solvent=True,
+        zero_mask=True,
+        healpix_order=args.healpix_order,
+        random_seed=args.seed,
+        threads=torch.get_num_threads(),
+        write_iter=max(args.iter, 1),
+        preread_images=True,
+    )
+    base.update(changes)
+    return RefineConfig(**base)
+
+
+def estep(args, particles: Path, out: Path, batch: int, box: int, order: int) -> dict:
+    """One mini-batch of ``batch`` particles at current size ``box`` and HEALPix ``order``."""
+    from denovo3d.particles import load_particle_set
+
+    ps = load_particle_set(particles)
+    cfg = _config(args, particles, out, healpix_order=order, ini_subset=batch, fin_subset=batch)
+    state = refine.initialise(cfg, ps, torch.device("cpu"))
+    state.current_size = min(box, ps.box)
+    schedule = VdamSchedule.build(cfg, ps.n)
+    ps.load(range(ps.n), state.current_size)  # read and cache outside the timing
+    times, flops, e_time = [], 0.0, 0.0
+    for _ in range(args.repeat):
+        state.current_size = min(box, ps.box)
+        with FlopCounter() as counter:
+            start = time.perf_counter()
+            refine.iterate(state, cfg, schedule, ps, torch.device("cpu"))
+            times.append(time.perf_counter() - start)
+        flops, e_time = counter.flops, counter.seconds
+    return {
+        "batch": batch,
+        "box": box,
+        "healpix_order": order,
+        "iteration_s": min(times),
+        "estep_s": e_time,
+        "estep_gemm_gflop": flops / 1e9,
+        "estep_gflops": flops / e_time / 1e9,
+        "peak_rss_gib": peak_rss_gib(),
+    }
+
+
+def job(args, project: dict, out: Path) -> None:
+    from denovo3d.engine.references import reconstruct
+    from denovo3d.engine.superpose import superpose
+    from denovo3d.fourier import centred_irfft
+    from denovo3d.fsc import fsc_volumes, resolution_at
+    from denovo3d.geometry.euler import euler_to_matrix
+    from denovo3d.io.mrc import read_mrc
+    from denovo3d.io.star import read_star
+    from denovo3d.particles import load_particle_set
+
+    particles = project["particles"]
+    cfg = _config(args, particles, out)
+    start = time.perf_counter()
+    state = refine.run(cfg)
+    wall = time.perf_counter() - start
+    truth = torch.from_numpy(read_mrc(project["truth"])[0].copy())
+    ps = load_particle_set(particles)
+    table = read_star(project["truth_particles"])["particles"]
+    angles = torch.tensor(table[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy())
+    origin = torch.tensor(
+        table[["rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginZAngst"]].to_numpy()
+    )
+    rot = euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
+    batch = ps.load(range(ps.n), ps.box)
+    num, den = reconstruct(batch.data, batch.ctf2, rot, -origin / ps.pixel_size_a, ps.box)
+    true_map = centred_irfft(num / den.clamp_min(1e-3 * float(den.mean())), ps.box)
+    px, box = ps.pixel_size_a, ps.box
+    f_true = fsc_volumes(true_map, truth)
+    aligned, corr = superpose(state.refs[int(state.pdf_class.argmax())], truth)
+    f_ours = fsc_volumes(aligned, truth)
+    print(
+        f"job: {ps.n} particles, box {box}, {cfg.n_iter} iterations: {wall:.0f} s wall, "
+        f"peak RSS {peak_rss_gib():.2f} GiB"
+    )
+    for name, f in (("true poses", f_true), ("de novo", f_ours)):
+        print(
+            f"  {name:10s} FSC 0.5: {resolution_at(f, 0.5, box, px):.1f} Å, "
+            f"0.143: {resolution_at(f, 0.143, box, px):.1f} Å"
+        )
+    print(f"  superposition correlation {corr:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["gemm", "estep", "scaling", "job"])
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--box", type=int, default=64)
+    parser.add_argument("--pixel_size", type=float, default=5.4)
+    parser.add_argument("--snr", type=float, default=0.1)
+    parser.add_argument("--iter", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=200)
+    parser.add_argument("--healpix_order", type=int, default=1)
+    parser.add_argument("--diameter", type=float, default=230.0)
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.mode == "gemm":
+        for name, rate in gemm_rate().items():
+            print(f"matmul float32 {name}: {rate / 1e9:.1f} GFLOP/s")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out or Path(tmp)
+        start = time.perf_counter()
+        project = simulate(out / "data", args.n, args.box, args.pixel_size, args.snr, args.seed)
+        print(f"simulated {args.n} particles, box {args.box}: {time.perf_counter() - start:.0f} s")
+        if args.mode == "job":
+            job(args, project, out / "job")
+            return
+        cases = [(args.batch, args.box, args.healpix_order)]
+        if args.mode == "scaling":
+            cases = [(b, args.box, 1) for b in (50, 100, 200)]
+            cases += [(100, s, 1) for s in (24, 32, 48) if s < args.box]
+            cases += [(100, args.box, 0)]
+        rate = gemm_rate()["estep"]
+        for batch, box, order in cases:
+            r = estep(args, project["particles"], out / "estep", batch, box, order)
+            print(
+                f"batch {r['batch']:4d} box {r['box']:3d} order {r['healpix_order']}: iteration "
+                f"{r['iteration_s']:.2f} s, E-step {r['estep_s']:.2f} s, "
+                f"{r['estep_gemm_gflop']:.1f} GFLOP -> {r['estep_gflops']:.1f} GFLOP/s "
+                f"({100 * r['estep_gflops'] * 1e9 / rate:.0f}% of matmul), "
+                f"peak RSS {r['peak_rss_gib']:.2f} GiB"
+            )
+
+
+if __name__ == "__main__":
+    main()
