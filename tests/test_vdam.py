@@ -102,3 +102,18 @@ def test_current_size_from_ssnr() -> None:
     assert current_size_from_ssnr(ssnr, 64) == 2 * (7 + 10)
     assert current_size_from_ssnr(ssnr, 20) == 20
     assert current_size_from_ssnr(torch.zeros(1, 11), 64) == 2 * (5 + 10)
+
+
+def test_reseed_copies_the_largest_class_into_an_empty_one() -> None:
+    from denovo3d.engine.vdam import reseed_empty_class
+
+    refs = torch.stack([torch.full((4, 4, 4), float(k)) for k in range(3)])
+    mom = Moments.initial(3, 4, torch.complex64, "cpu")
+    mom.m1 += 1.0
+    pdf = torch.tensor([0.6, 0.39, 0.01], dtype=torch.float64)
+    assert reseed_empty_class(refs, mom, pdf, 0.02) is None  # 0.01 >= 0.02 / 3: kept
+    pdf = torch.tensor([0.6, 0.39, 0.01], dtype=torch.float64)
+    assert reseed_empty_class(refs, mom, pdf, 0.5) == 2
+    assert float(refs[2].mean()) == 0.0  # the copy of class 1 (index 0)
+    assert pdf.tolist() == pytest.approx([0.3 / 0.99, 0.39 / 0.99, 0.3 / 0.99])
+    assert float(mom.m1[2, 0].real.mean()) == pytest.approx(0.9)

@@ -32,6 +32,7 @@ class RefineConfig:
     max_significant: int = -1  # --maxsig (-1: 100·K)
     adaptive_fraction: float = 0.999  # --adaptive_fraction
     incr_size: int = 10  # --incr_size
+    class_inactivity_threshold: float = 0.0  # --class_inactivity_threshold (0: off)
     mask_edge_px: float = 5.0  # --maskedge
     perturb: float = 0.5  # --perturb
     sigma2_offset_a: float = 10.0  # --offset (initial prior width, Å)

@@ -34,7 +34,13 @@ from denovo3d.engine.references import (
     soft_mask_outside,
     solvent_flatten,
 )
-from denovo3d.engine.vdam import Moments, current_size_from_ssnr, ssnr_map, vdam_update
+from denovo3d.engine.vdam import (
+    Moments,
+    current_size_from_ssnr,
+    reseed_empty_class,
+    ssnr_map,
+    vdam_update,
+)
 from denovo3d.engine.voxels import VoxelSet, shell_means
 from denovo3d.errors import InputError
 from denovo3d.fourier import centred_irfft, centred_rfft, rfft_radius
@@ -256,6 +262,8 @@ def iterate(state: RefineState, cfg: RefineConfig, schedule: VdamSchedule, ps, d
     mu = cfg.mu if n_batch < ps.n else 0.0
     state.sigma2 = update_sigma2(state.sigma2.to(device), acc, mu)
     state.pdf_class = update_class_fractions(state.pdf_class, acc, mu)
+    if schedule.n_ini < it < schedule.n_ini + schedule.n_mid:
+        reseed_empty_class(refs, state.moments, state.pdf_class, cfg.class_inactivity_threshold)
     state.sigma2_offset_px = update_sigma2_offset(state.sigma2_offset_px, acc, mu)
     state.ssnr = ssnr_map(acc.weight[:, 0], centred_rfft(refs), tau2).cpu()
     state.refs, state.fsc, state.iteration = refs, fsc.cpu(), it

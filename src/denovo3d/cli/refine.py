@@ -59,6 +59,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         default=False,
         help="resume from the last finished iteration of --o",
     )
+    parser.add_argument(
+        "--class_inactivity_threshold", type=float, default=0.0, help="re-seed empty classes"
+    )
     parser.add_argument("--write_iter", type=int, default=10, help="write every N iterations")
     parser.add_argument("--sym", default="C1", help="point group applied at the end (C1)")
 
@@ -99,6 +102,7 @@ def build_config(args: argparse.Namespace) -> RefineConfig:
         fin_subset=args.grad_fin_subset,
         random_seed=args.random_seed,
         write_iter=max(1, args.write_iter),
+        class_inactivity_threshold=args.class_inactivity_threshold,
         symmetry=args.sym,
         threads=args.j,
         gpu=args.gpu,

@@ -47,9 +47,10 @@ class PassGrid:
     inv_sigma2: torch.Tensor
     box_px: int
 
-    def phases(self) -> torch.Tensor:
-        """``(T, V)`` complex ``exp(+2πi k·t/box_px)``."""
-        return self.voxels.phases(self.offsets_px, self.box_px)
+    def phases(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """``(T, V)`` complex ``exp(+2πi k·t/box_px)`` (only offsets ``index`` if given)."""
+        offsets = self.offsets_px if index is None else self.offsets_px[index]
+        return self.voxels.phases(offsets, self.box_px)
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,9 @@ def fine_search(
             rot = grid.rotations[union[sel] % n_orient]
             proj_u[sel] = project(refs_full[k : k + 1], rot, grid.voxels)[0]
     pos = torch.searchsorted(union, o_idx.clamp(max=int(union.max())))
-    phases = grid.phases()  # (T_f, V)
+    t_union = torch.unique(t_idx[t_ok])
+    phases = grid.phases(t_union)  # (T_used, V): only the offsets some particle needs
+    t_pos = torch.searchsorted(t_union, t_idx.clamp(max=int(t_union.max())))
     n_o_all, n_t_all = o_ok.sum(dim=1), t_ok.sum(dim=1)
     order = torch.argsort(n_o_all * n_t_all)  # similar sizes share a group: little padding
     V = len(grid.voxels)
@@ -183,7 +186,7 @@ def fine_search(
         rows = rows[: max(1, budget_bytes // per_particle)]
         n_o, n_t = int(n_o_all[rows].max()), int(n_t_all[rows].max())
         proj = proj_u[pos[rows, :n_o]]  # (g, n_o, V)
-        y = (data[rows] * grid.inv_sigma2)[:, None, :] * phases[t_idx[rows, :n_t]]
+        y = (data[rows] * grid.inv_sigma2)[:, None, :] * phases[t_pos[rows, :n_t]]
         cross = torch.bmm(_real(y), _real(proj).transpose(1, 2))  # (g, n_t, n_o)
         power = (proj.real**2 + proj.imag**2).transpose(1, 2)
         norm = torch.bmm((0.5 * ctf2[rows] * grid.inv_sigma2)[:, None, :], power)

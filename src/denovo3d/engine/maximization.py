@@ -82,7 +82,8 @@ def accumulate(
     groups, inverse = torch.unique_consecutive(key, return_inverse=True)
     entry_cost = 8 * len(vox) * 6
     max_entries = max(1, budget_bytes // entry_cost)
-    phases = grid.phases()
+    t_union, t_pos = torch.unique(alignment.offset, return_inverse=True)
+    phases = grid.phases(t_union)  # only the offsets in use
     e0 = 0
     while e0 < key.numel():
         # a chunk of whole groups
@@ -98,7 +99,7 @@ def accumulate(
         g_keys = groups[g0 : int(inverse[e1 - 1]) + 1]
         part = alignment.particle[sel]
         w = alignment.weight[sel].to(vox.coords)
-        shifted = data[part] * phases[alignment.offset[sel]]  # (n, V)
+        shifted = data[part] * phases[t_pos[sel]]  # (n, V)
         c = ctf2[part]
         n_g = g_keys.numel()
         data_g = shifted.new_zeros((n_g, len(vox))).index_add_(0, local, w[:, None] * shifted)

@@ -20,7 +20,14 @@ import torch
 
 from denovo3d.fourier import rfft_radius
 
-__all__ = ["Moments", "current_size_from_ssnr", "shell_table", "ssnr_map", "vdam_update"]
+__all__ = [
+    "Moments",
+    "current_size_from_ssnr",
+    "reseed_empty_class",
+    "shell_table",
+    "ssnr_map",
+    "vdam_update",
+]
 
 MOMENT1 = 0.9
 MOMENT2 = 0.999
@@ -126,3 +133,29 @@ def current_size_from_ssnr(ssnr: torch.Tensor, box: int, incr_size: int = 10) ->
                 break
         best = max(best, maxres)
     return int(min(box, 2 * (best + incr_size)))
+
+
+def reseed_empty_class(
+    refs: torch.Tensor, moments: Moments, pdf_class: torch.Tensor, threshold: float
+) -> int | None:
+    """RELION's class re-seeding (notes §1.6), in place: if the smallest class holds less than
+    ``threshold / K`` of the particles, copy the largest class into it (reference, moments,
+    fraction shared), with its half-A first moment scaled by 0.9 so the two drift apart.
+
+    RELION picks the source by its gradient activity; we take the largest class (the one the
+    data pull on hardest). Returns the re-seeded class index, or None.
+    """
+    K = refs.shape[0]
+    if K < 2 or threshold <= 0:
+        return None
+    j, src = int(pdf_class.argmin()), int(pdf_class.argmax())
+    if float(pdf_class[j]) >= threshold / K or j == src:
+        return None
+    refs[j] = refs[src]
+    moments.m1[j] = moments.m1[src]
+    moments.m1[j, 0] *= 0.9
+    moments.m2[j] = moments.m2[src]
+    half = pdf_class[src] / 2
+    pdf_class[j], pdf_class[src] = half, half
+    pdf_class /= pdf_class.sum()
+    return j
