@@ -211,9 +211,16 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
-        start = time.perf_counter()
-        project = simulate(out / "data", args.n, args.box, args.pixel_size, args.snr, args.seed)
-        print(f"simulated {args.n} particles, box {args.box}: {time.perf_counter() - start:.0f} s")
+        data = out / "data"
+        if (data / "particles.star").is_file():  # reuse a data set simulated before
+            names = ("particles", "truth", "truth_particles")
+            project = {k: data / f"{k}.star" if k != "truth" else data / "truth.mrc" for k in names}
+        else:
+            start = time.perf_counter()
+            project = simulate(data, args.n, args.box, args.pixel_size, args.snr, args.seed)
+            print(
+                f"simulated {args.n} particles, box {args.box}: {time.perf_counter() - start:.0f} s"
+            )
         if args.mode == "job":
             job(args, project, out / "job")
             return

@@ -167,3 +167,62 @@ def test_cli_runs_on_relion_files(tmp_path: Path) -> None:
         )
         == 2
     )
+
+
+@pytest.mark.slow
+def test_kill_9_then_continue_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+
+    box, px = 24, 11.0
+    parts = make_particles(make_phantom("asymmetric", box, px), 40, 2000.0, 1.0, seed=6)
+    star = write_project(tmp_path / "project", parts, px)
+
+    def args(out: Path) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "denovo3d",
+            "refine",
+            "--i",
+            str(star),
+            "--o",
+            str(out),
+            "--iter",
+            "8",
+            "--particle_diameter",
+            "220",
+            "--flatten_solvent",
+            "--grad_ini_subset",
+            "12",
+            "--grad_fin_subset",
+            "20",
+            "--random_seed",
+            "9",
+        ]
+
+    full = tmp_path / "a" / "run"
+    subprocess.run(args(full), check=True, capture_output=True)
+    killed = tmp_path / "b" / "run"
+    proc = subprocess.Popen(args(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = Path(f"{killed}_checkpoint.pt")
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (
+            checkpoint.is_file()
+            and torch.load(checkpoint, weights_only=False)["state"].iteration >= 3
+        ):
+            break
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not Path(f"{killed}_it008_class001.mrc").is_file()
+    subprocess.run([*args(killed), "--continue"], check=True, capture_output=True)
+    a, _ = read_mrc(f"{full}_it008_class001.mrc")
+    b, _ = read_mrc(f"{killed}_it008_class001.mrc")
+    assert np.array_equal(a, b)
