@@ -112,6 +112,8 @@ def _config(args, particles: Path, out: Path, **changes) -> RefineConfig:
         threads=torch.get_num_threads(),
         write_iter=max(args.iter, 1),
         preread_images=True,
+        ini_subset=args.grad_ini_subset,
+        fin_subset=args.grad_fin_subset,
     )
     base.update(changes)
     return RefineConfig(**base)
@@ -201,6 +203,8 @@ def main() -> None:
     parser.add_argument("--healpix_order", type=int, default=1)
     parser.add_argument("--diameter", type=float, default=230.0)
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--grad_ini_subset", type=int, default=-1, help="job: first batch size")
+    parser.add_argument("--grad_fin_subset", type=int, default=-1, help="job: last batch size")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
