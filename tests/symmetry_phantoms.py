@@ -61,9 +61,9 @@ def phantom(
 def degrade(
     volume: torch.Tensor,
     seed: int,
-    noise_sd_rel: float = 0.5,
+    noise_sd_rel: float = 0.25,
     wedge_deg: float = 30.0,
-    wedge_keep: float = 0.2,
+    wedge_keep: float = 0.5,
     blur_px: float = 1.0,
 ) -> torch.Tensor:
     """Missing-wedge-like blur (Fourier components within ``wedge_deg`` of the z axis in the

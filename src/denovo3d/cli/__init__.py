@@ -22,6 +22,8 @@ COMMANDS: dict[str, str] = {
     "inspect": "inspect",
     "report": "report",
     "flip-hand": "flip_hand",
+    "align-symmetry": "align_symmetry",
+    "detect-symmetry": "detect_symmetry",
     "refine": "refine",
     "simulate": "simulate",
 }

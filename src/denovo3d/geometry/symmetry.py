@@ -28,6 +28,7 @@ __all__ = [
     "UnknownGroupError",
     "axis_rotation",
     "default_pad",
+    "padded_rfft",
     "point_group",
     "rotate_map",
     "symmetrise",
@@ -222,7 +223,7 @@ def default_pad(box: int) -> int:
     return max(2, min(4, 256 // box))
 
 
-def _padded_ft(volume: torch.Tensor, pad: int) -> torch.Tensor:
+def padded_rfft(volume: torch.Tensor, pad: int) -> torch.Tensor:
     """``(s, s, s)`` map -> ``(S, S, S//2+1)`` transform of the map zero-padded to ``S = pad*s``.
 
     No gridding correction: it would over-correct the operators that map the grid onto itself
@@ -246,7 +247,7 @@ def _transformed_fts(
     """Half-grid transforms ``(n, s, s, s//2+1)`` of ``V(Mᵀx + shift)``, one per ``M (n, 3, 3)``."""
     s = volume.shape[-1]
     pad = default_pad(s) if pad is None else pad
-    ft = _padded_ft(volume, pad)
+    ft = padded_rfft(volume, pad)
     k = rfft_coords(s, volume.device).to(volume.dtype)
     m = matrices.to(volume.dtype).to(volume.device)
     out = []
