@@ -257,8 +257,10 @@ CANDIDATES = tuple(
 
 @dataclass(frozen=True)
 class GroupEvidence:
-    """One candidate group: ``score`` mean correlation with its copies at the best axes (low
-    resolution band, common to all groups); ``agreement`` = (score - null) / (best - null)."""
+    """One candidate group: ``score`` the lowest correlation of the map with its copies under the
+    group's operators at the best axes (one band for all groups); ``agreement`` = (score - null) /
+    (best - null). The lowest, not the mean: a near-cylindrical blob agrees with small turns about
+    its long axis but not with large ones, a truly symmetric map with all its group's turns."""
 
     group: str
     order: int
@@ -291,8 +293,8 @@ def detect_symmetry(
     volume: torch.Tensor,
     candidates: tuple[str, ...] = CANDIDATES,
     params: AlignParams | None = None,
-    accept: float = 0.8,
-    min_evidence: float = 0.35,
+    accept: float = 0.9,
+    min_evidence: float = 0.55,
 ) -> Detection:
     """Rank point groups by how well ``volume (s, s, s)`` agrees with its symmetry copies.
 
@@ -305,15 +307,19 @@ def detect_symmetry(
     """
     params = params or AlignParams()
     bands = prepare_bands(volume, params)
+    s = volume.shape[-1]
+    work = min(params.box_size, s - s % 2)
+    # finer than the search band: at low resolution any compact blob looks like a cylinder
+    band = prepare_band(volume.to(torch.float32), bands.centre_px, 3.0, 3 * work / 16)
     gen = torch.Generator().manual_seed(params.seed + 1)
     random_h = so3_grid(256, gen)
-    null = float(pair_correlations(bands.coarse, random_h.float()).median())
+    null = float(pair_correlations(band, random_h.float()).median())
     scores = {}
     for name in candidates:
         g = point_group(name)
         r, shift, _ = _coarse_alignment(bands, g, params)
         h = (r.T @ g.operators[1:] @ r).float()
-        scores[name] = (g.order, float(pair_correlations(bands.coarse, h, shift.float()).mean()))
+        scores[name] = (g.order, float(pair_correlations(band, h, shift.float()).min()))
     top = max(s for _, s in scores.values())
     span = max(top - null, 1e-6)
     rows = [GroupEvidence(n, o, s, (s - null) / span) for n, (o, s) in scores.items()]

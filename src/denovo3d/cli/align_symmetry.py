@@ -125,7 +125,7 @@ def main(args: argparse.Namespace) -> int:
         params = AlignParams(
             box_size=args.box_size, seed=args.random_seed, keep_centre=args.keep_centre
         )
-        v = torch.from_numpy(volume)
+        v = torch.from_numpy(volume.copy())
         start = time.perf_counter()
         group = sym
         if sym.lower() == "auto":

@@ -4,7 +4,7 @@ Each candidate group is aligned to the map (seeded global search, local refineme
 resolution); its score is the map's mean correlation with its copies under the group's operators.
 A group's agreement compares its score with the best group's, both above the correlation with
 randomly turned copies. The verdict is the largest group whose elements all agree (agreement
->= 0.8), when the evidence is clear; otherwise C1, with the runner-up named.
+>= 0.9), when the evidence is clear; otherwise C1, with the runner-up named.
 
 Example:
     denovo3d detect-symmetry InitialModel/job012/run_it200_class001.mrc
@@ -52,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
         box_size=args.box_size, seed=args.random_seed, keep_centre=args.keep_centre
     )
     start = time.perf_counter()
-    result = detect_symmetry(torch.from_numpy(volume), names, params)
+    result = detect_symmetry(torch.from_numpy(volume.copy()), names, params)
     print(result.table())
     print(f"time {time.perf_counter() - start:.1f} s")
     return 0
