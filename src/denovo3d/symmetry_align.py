@@ -257,10 +257,11 @@ CANDIDATES = tuple(
 
 @dataclass(frozen=True)
 class GroupEvidence:
-    """One candidate group: ``score`` the lowest correlation of the map with its copies under the
-    group's operators at the best axes (one band for all groups); ``agreement`` = (score - null) /
-    (best - null). The lowest, not the mean: a near-cylindrical blob agrees with small turns about
-    its long axis but not with large ones, a truly symmetric map with all its group's turns."""
+    """One candidate group: ``score`` the 20th percentile of the map's correlations with its copies
+    under the group's operators at the best axes (one band for all groups); ``agreement`` =
+    (score - null) / (best - null). A low percentile, not the mean: a near-cylindrical blob agrees
+    with small turns about its long axis but not with large ones, a truly symmetric map with all
+    its group's turns (not the minimum either: noise would then penalise large groups)."""
 
     group: str
     order: int
@@ -319,7 +320,8 @@ def detect_symmetry(
         g = point_group(name)
         r, shift, _ = _coarse_alignment(bands, g, params)
         h = (r.T @ g.operators[1:] @ r).float()
-        scores[name] = (g.order, float(pair_correlations(band, h, shift.float()).min()))
+        rho = pair_correlations(band, h, shift.float())
+        scores[name] = (g.order, float(torch.quantile(rho, 0.2)))
     top = max(s for _, s in scores.values())
     span = max(top - null, 1e-6)
     rows = [GroupEvidence(n, o, s, (s - null) / span) for n, (o, s) in scores.items()]
