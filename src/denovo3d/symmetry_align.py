@@ -170,7 +170,7 @@ def refine(
     iterations: int,
     model: tuple[torch.Tensor, torch.Tensor] | None = None,
     start_shift: torch.Tensor | None = None,
-    max_operators: int = 16,
+    max_operators: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """L-BFGS on a rotation vector (left perturbation of ``start``) and a shift (input pixels).
 

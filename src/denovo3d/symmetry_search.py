@@ -184,7 +184,7 @@ def search_rotations(
     band: FourierBand,
     group: PointGroup,
     rotations: torch.Tensor,
-    max_operators: int = 8,
+    max_operators: int = 64,
     chunk_points: int = 2_000_000,
 ) -> torch.Tensor:
     """Mean ``ρ`` per candidate ``rotations (n, 3, 3)`` over the group's first ``max_operators``
