@@ -12,6 +12,7 @@ from denovo3d.fourier import (
     phase_shift,
     rfft_coords,
     sample_rfft,
+    splat_rfft,
 )
 
 
@@ -85,3 +86,21 @@ def test_sample_rotates_a_volume() -> None:
     out = centred_irfft(rotated)
     expected = _blob(box, (12.0, 15.0, 12.0), 1.5)  # x -> y
     assert torch.corrcoef(torch.stack([out.flatten(), expected.flatten()]))[0, 1] > 0.99
+
+
+def test_samples_past_nyquist_read_zeros_and_splat_stays_adjoint() -> None:
+    # Between the Nyquist plane (y = 8 of box 16) and beyond it, trilinear weights fall to
+    # zero past the grid instead of wrapping to the opposite edge (y = -7).
+    box = 16
+    ft = centred_rfft(_blob(box, (7.0, 8.0, 8.5), 1.0)).to(torch.complex128)
+    at_nyquist = sample_rfft(ft, torch.tensor([[1.0, 8.0, 2.0]], dtype=torch.float64))
+    past = sample_rfft(ft, torch.tensor([[1.0, 8.5, 2.0]], dtype=torch.float64))
+    torch.testing.assert_close(past, 0.5 * at_nyquist)
+    far = torch.tensor([[2.0, 3.0, -9.25], [0.5, -9.5, 1.0]], dtype=torch.float64)
+    assert sample_rfft(ft, far).abs().max() == 0
+    g = torch.Generator().manual_seed(0)
+    q = (torch.rand(200, 3, generator=g, dtype=torch.float64) - 0.5) * 2.4 * box / 2
+    v = torch.randn(200, dtype=torch.complex128, generator=g)
+    lhs = (sample_rfft(ft, q).conj() * v).real.sum()
+    rhs = (ft.conj() * splat_rfft(v, q, box)).real.sum()
+    torch.testing.assert_close(lhs, rhs)

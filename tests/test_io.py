@@ -89,3 +89,27 @@ def test_mrc_round_trip_with_voxel_size_and_zero_origin(tmp_path: Path) -> None:
         assert mrc.header.ispg == 1  # a volume, not an image stack
     with open(tmp_path / "validation.txt", "w") as report:
         assert mrcfile.validate(path, print_file=report)
+
+
+def test_cube_with_stack_space_group_reads_as_a_volume(tmp_path: Path) -> None:
+    # RELION 3.1 writes maps with space group 0, which MRC-2014 reserves for image stacks.
+    path = tmp_path / "relion31_map.mrc"
+    volume = np.arange(8**3, dtype=np.float32).reshape(8, 8, 8)
+    with mrcfile.new(path) as mrc:
+        mrc.set_data(volume)
+        mrc.set_image_stack()
+        mrc.voxel_size = 4.2
+    data, voxel = read_mrc(path)
+    np.testing.assert_array_equal(data, volume)
+    assert voxel == pytest.approx(4.2)
+
+
+def test_written_files_follow_the_umask(tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o027)
+    try:
+        path = write_mrc(tmp_path / "map.mrc", np.zeros((4, 4, 4), np.float32), 1.0)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o640

@@ -100,6 +100,11 @@ def phase_shift(ft: torch.Tensor, shifts_px: torch.Tensor, coords: torch.Tensor)
     return ft * torch.polar(torch.ones_like(phase), phase)
 
 
+def _in_band(index: torch.Tensor, s: int, dtype: torch.dtype) -> torch.Tensor:
+    """1 where an integer frequency lies in ``[-s/2, s/2]`` (the grid), 0 beyond (no wrap)."""
+    return ((index >= -(s // 2)) & (index <= s // 2)).to(dtype)
+
+
 def sample_rfft(ft: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """Trilinear samples of a half-grid transform at arbitrary frequencies, Friedel-aware.
 
@@ -118,11 +123,13 @@ def sample_rfft(ft: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     padded = torch.cat([ft, ft.new_zeros(s, s, 1)], dim=-1).reshape(-1)
     out: torch.Tensor | None = None
     for dz in (0, 1):
-        wz = frac[..., 2] if dz else 1 - frac[..., 2]
-        iz = (k0[..., 2] + dz) % s
+        kz = k0[..., 2] + dz
+        wz = (frac[..., 2] if dz else 1 - frac[..., 2]) * _in_band(kz, s, frac.dtype)
+        iz = kz % s
         for dy in (0, 1):
-            wy = frac[..., 1] if dy else 1 - frac[..., 1]
-            iy = (k0[..., 1] + dy) % s
+            ky = k0[..., 1] + dy
+            wy = (frac[..., 1] if dy else 1 - frac[..., 1]) * _in_band(ky, s, frac.dtype)
+            iy = ky % s
             for dx in (0, 1):
                 wx = frac[..., 0] if dx else 1 - frac[..., 0]
                 ix = (k0[..., 0] + dx).clamp(max=half)
@@ -155,11 +162,13 @@ def splat_rfft(values: torch.Tensor, coords: torch.Tensor, box: int) -> torch.Te
     k0 = k0.long()
     out = values.new_zeros(s * s * (half + 1))
     for dz in (0, 1):
-        wz = frac[..., 2] if dz else 1 - frac[..., 2]
-        iz = (k0[..., 2] + dz) % s
+        kz = k0[..., 2] + dz
+        wz = (frac[..., 2] if dz else 1 - frac[..., 2]) * _in_band(kz, s, frac.dtype)
+        iz = kz % s
         for dy in (0, 1):
-            wy = frac[..., 1] if dy else 1 - frac[..., 1]
-            iy = (k0[..., 1] + dy) % s
+            ky = k0[..., 1] + dy
+            wy = (frac[..., 1] if dy else 1 - frac[..., 1]) * _in_band(ky, s, frac.dtype)
+            iy = ky % s
             for dx in (0, 1):
                 wx = frac[..., 0] if dx else 1 - frac[..., 0]
                 ix = (k0[..., 0] + dx).clamp(max=half)

@@ -38,6 +38,18 @@ def _open(path: Path, header_only: bool) -> mrcfile.mrcfile.MrcFile:
         raise InputError(path, f"not a readable MRC file ({exc})") from None
 
 
+def _is_volume(mrc: mrcfile.mrcfile.MrcFile) -> bool:
+    """A 3D volume, not a 2D image or stack. Space group 0 marks a stack in the MRC-2014
+    convention, but RELION 3.1 and older programs write volumes with it too: a cube, or a
+    header whose sampling ``mz`` equals ``nz``, is read as a volume whatever its space group."""
+    if mrc.data is None or mrc.data.ndim != 3:
+        return False
+    if not mrc.is_image_stack():
+        return True
+    nz, ny, nx = mrc.data.shape
+    return (nz == ny == nx) or int(mrc.header.mz) == nz
+
+
 def read_header(path: str | Path) -> MrcHeader:
     """Read only the header of an MRC file (cheap: for validation of many files)."""
     path = Path(path)
@@ -55,7 +67,7 @@ def read_mrc(path: str | Path, *, require_3d: bool = True) -> tuple[np.ndarray, 
     """
     path = Path(path)
     with _open(path, header_only=False) as mrc:
-        if require_3d and (mrc.data is None or mrc.data.ndim != 3 or mrc.is_image_stack()):
+        if require_3d and not _is_volume(mrc):
             shape = None if mrc.data is None else tuple(mrc.data.shape)
             raise InputError(
                 path, f"expected a 3D volume, found an image or 2D stack of shape {shape}"
