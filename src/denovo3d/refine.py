@@ -292,8 +292,13 @@ def assign_all(state: RefineState, cfg: RefineConfig, ps, device) -> None:
         _record(state, rows, align(aligned, batch.ctf2, refs_full, grids.search), grids)
 
 
+def checkpoint_path_for(output_root: str) -> Path:
+    """The checkpoint of the run with output root ``output_root`` (``Job/run``)."""
+    return Path(output_root + "_checkpoint.pt")
+
+
 def checkpoint_path(cfg: RefineConfig) -> Path:
-    return Path(cfg.output_root + "_checkpoint.pt")
+    return checkpoint_path_for(cfg.output_root)
 
 
 def save_checkpoint(state: RefineState, cfg: RefineConfig) -> None:

@@ -19,6 +19,7 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 
 # sub-command name -> module under denovo3d.cli
 COMMANDS: dict[str, str] = {
+    "demo": "demo",
     "inspect": "inspect",
     "report": "report",
     "flip-hand": "flip_hand",
