@@ -28,7 +28,7 @@ from denovo3d.cli import main as cli_main
 from denovo3d.cli.flip_hand import flip_hand
 from denovo3d.io.mrc import read_mrc, write_mrc
 from denovo3d.io.star import write_star
-from denovo3d.report import convergence_table, find_job, pose_changes, shell_fsc
+from denovo3d.report import convergence_table, find_job, pose_changes
 
 BOX, APIX, N_PARTICLES = 32, 4.0, 60
 ITERATIONS = [0, 10, 20, 30]
@@ -264,14 +264,6 @@ def test_flip_hand_mirrors_and_is_an_involution(tmp_path: Path) -> None:
     np.testing.assert_array_equal(once[:, :, c], volume[:, :, c])  # the centre plane stays
     for axis in "zyx":
         np.testing.assert_array_equal(flip_hand(flip_hand(volume, axis), axis), volume)
-
-
-def test_shell_fsc_of_a_map_with_itself_and_with_noise() -> None:
-    rng = np.random.default_rng(1)
-    a = TRUTH[1]
-    assert np.allclose(shell_fsc(a, a), 1.0)
-    f = shell_fsc(a + rng.normal(0, 0.05, a.shape), a + rng.normal(0, 0.05, a.shape))
-    assert f.shape == (BOX // 2 + 1,) and f[2] > 0.9 and f[-1] < f[2]
 
 
 def test_axes_read_from_what_the_symmetry_step_wrote(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ convergence plots, the angular distribution of the final poses, the FSC between 
 iterations, and the symmetry scores.
 """
 
-from denovo3d.report._figures import shell_fsc, views
+from denovo3d.report._figures import views
 from denovo3d.report._job import Iteration, Job, convergence_table, find_job, pose_changes
 from denovo3d.report._page import write_report
 
@@ -17,7 +17,6 @@ __all__ = [
     "convergence_table",
     "find_job",
     "pose_changes",
-    "shell_fsc",
     "views",
     "write_report",
 ]

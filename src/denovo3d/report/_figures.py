@@ -14,11 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from denovo3d.errors import InputError
+from denovo3d.fsc import fsc_volumes
 from denovo3d.io.mrc import read_mrc
 from denovo3d.report._job import Job
 
@@ -31,7 +33,6 @@ __all__ = [
     "final_model_figure",
     "fsc_figure",
     "png_bytes",
-    "shell_fsc",
     "views",
 ]
 
@@ -255,26 +256,6 @@ def angular_figure(data: pd.DataFrame, iteration: int) -> Figure | None:
     return fig
 
 
-def shell_fsc(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """RELION's FSC of two cubic maps: integer shells ``round(|k|)``, ``s//2 + 1`` of them."""
-    fa, fb = np.fft.rfftn(a), np.fft.rfftn(b)
-    s = a.shape[0]
-    k = np.fft.fftfreq(s, 1 / s)
-    kz, ky, kx = np.meshgrid(k, k, np.arange(s // 2 + 1), indexing="ij")
-    shell = np.rint(np.sqrt(kx**2 + ky**2 + kz**2)).astype(int).ravel()
-    n = s // 2 + 1
-    keep = shell < n
-
-    def total(w: np.ndarray) -> np.ndarray:
-        return np.bincount(shell[keep], weights=w.ravel()[keep], minlength=n)[:n]
-
-    num = total(np.real(fa * np.conj(fb)))
-    den = np.sqrt(total(np.abs(fa) ** 2) * total(np.abs(fb) ** 2))
-    fsc = np.divide(num, den, out=np.zeros(n), where=den > 0)
-    fsc[0] = 1.0
-    return fsc
-
-
 def fsc_figure(job: Job) -> Figure | None:
     """FSC between successive written iterations of each class (last 8 pairs)."""
     classes = sorted({k for it in job.iterations for k in it.classes})
@@ -295,7 +276,7 @@ def fsc_figure(job: Job) -> Figure | None:
             (va, voxel), (vb, _) = pair
             if va.shape != vb.shape or len(set(va.shape)) != 1:
                 continue
-            f = shell_fsc(va, vb)
+            f = fsc_volumes(torch.as_tensor(np.array(va)), torch.as_tensor(np.array(vb))).numpy()
             ax.plot(
                 np.arange(f.size) / (va.shape[0] * voxel),
                 f,
