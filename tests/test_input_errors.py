@@ -192,3 +192,14 @@ def test_output_directory_not_writable(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(InputError, match=r"a_file/job.*output directory is not writable"):
         ensure_writable_dir(blocker / "job")
+
+
+def test_refine_into_an_unwritable_place_fails_before_work(
+    project: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    argv = ["refine", "--i", str(project["particles"]), "--o", str(blocker / "job" / "run")]
+    assert main([*argv, "--particle_diameter", "100", "--iter", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a_file/job" in err and "not writable" in err, err

@@ -53,6 +53,7 @@ from denovo3d.geometry.sampling import (
     orientation_children,
     perturbation_rotation,
 )
+from denovo3d.io.atomic import ensure_writable_dir
 
 __all__ = ["RefineState", "assign_all", "initialise", "iterate", "run"]
 
@@ -344,6 +345,7 @@ def run(
 
     torch.set_num_threads(max(1, cfg.threads))
     device = device_for(cfg)
+    ensure_writable_dir(Path(cfg.output_root).parent)  # before any work
     if resume:
         cfg, state = load_checkpoint(cfg, device)
     if ps is None:
@@ -351,7 +353,6 @@ def run(
         if cfg.preread_images:
             ps.preread(threads=cfg.threads)
     schedule = VdamSchedule.build(cfg, ps.n)
-    Path(cfg.output_root).parent.mkdir(parents=True, exist_ok=True)
     if not resume:
         state = initialise(cfg, ps, device)
         write_iteration(cfg, state, ps, schedule)
