@@ -12,6 +12,8 @@ in xyz order.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 __all__ = [
@@ -105,6 +107,27 @@ def _in_band(index: torch.Tensor, s: int, dtype: torch.dtype) -> torch.Tensor:
     return ((index >= -(s // 2)) & (index <= s // 2)).to(dtype)
 
 
+def _trilinear_corners(k: torch.Tensor, s: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The 8 corners around frequencies ``k (..., 3)`` (``kx >= 0``) on an ``s`` half grid
+    padded with one zero plane at ``kx = s/2 + 1``: ``(flat index, trilinear weight)`` each.
+    Corners past Nyquist in y or z get weight 0 (no wrap to the opposite edge); in x they land
+    on the zero plane."""
+    half = s // 2 + 1
+    k0 = torch.floor(k)
+    frac = k - k0
+    k0 = k0.long()
+    for dz in (0, 1):
+        kz = k0[..., 2] + dz
+        wz = (frac[..., 2] if dz else 1 - frac[..., 2]) * _in_band(kz, s, frac.dtype)
+        for dy in (0, 1):
+            ky = k0[..., 1] + dy
+            wy = (frac[..., 1] if dy else 1 - frac[..., 1]) * _in_band(ky, s, frac.dtype)
+            for dx in (0, 1):
+                wx = frac[..., 0] if dx else 1 - frac[..., 0]
+                ix = (k0[..., 0] + dx).clamp(max=half)
+                yield ((kz % s) * s + ky % s) * (half + 1) + ix, wz * wy * wx
+
+
 def sample_rfft(ft: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """Trilinear samples of a half-grid transform at arbitrary frequencies, Friedel-aware.
 
@@ -113,32 +136,13 @@ def sample_rfft(ft: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     Samples whose neighbourhood reaches past Nyquist read zeros there. Returns ``(...)``.
     """
     s = ft.shape[-2]
-    half = s // 2 + 1
     flip = coords[..., 0] < 0
     k = torch.where(flip.unsqueeze(-1), -coords, coords)
-    k0 = torch.floor(k)
-    frac = k - k0
-    k0 = k0.long()
-    # one zero plane beyond kx = s/2 so that the +1 neighbour never indexes out of range
     padded = torch.cat([ft, ft.new_zeros(s, s, 1)], dim=-1).reshape(-1)
-    out: torch.Tensor | None = None
-    for dz in (0, 1):
-        kz = k0[..., 2] + dz
-        wz = (frac[..., 2] if dz else 1 - frac[..., 2]) * _in_band(kz, s, frac.dtype)
-        iz = kz % s
-        for dy in (0, 1):
-            ky = k0[..., 1] + dy
-            wy = (frac[..., 1] if dy else 1 - frac[..., 1]) * _in_band(ky, s, frac.dtype)
-            iy = ky % s
-            for dx in (0, 1):
-                wx = frac[..., 0] if dx else 1 - frac[..., 0]
-                ix = (k0[..., 0] + dx).clamp(max=half)
-                value = padded[(iz * s + iy) * (half + 1) + ix]
-                term = value * (wz * wy * wx)
-                out = term if out is None else out + term
-    if out.is_complex():  # type: ignore[union-attr]
-        out = torch.where(flip, out.conj(), out)  # type: ignore[union-attr]
-    return out  # type: ignore[return-value]
+    out = sum(padded[index] * weight for index, weight in _trilinear_corners(k, s))
+    if out.is_complex():
+        out = torch.where(flip, out.conj(), out)
+    return out
 
 
 def splat_rfft(values: torch.Tensor, coords: torch.Tensor, box: int) -> torch.Tensor:
@@ -151,27 +155,12 @@ def splat_rfft(values: torch.Tensor, coords: torch.Tensor, box: int) -> torch.Te
     Under the real inner product ``Re Σ conj(a)·b``:
     ``<sample_rfft(F, k), v> = <F, splat_rfft(v, k)>``.
     """
-    s = box
-    half = s // 2 + 1
+    s, half = box, box // 2 + 1
     flip = coords[..., 0] < 0
     k = torch.where(flip.unsqueeze(-1), -coords, coords)
     if values.is_complex():
         values = torch.where(flip, values.conj(), values)
-    k0 = torch.floor(k)
-    frac = k - k0
-    k0 = k0.long()
     out = values.new_zeros(s * s * (half + 1))
-    for dz in (0, 1):
-        kz = k0[..., 2] + dz
-        wz = (frac[..., 2] if dz else 1 - frac[..., 2]) * _in_band(kz, s, frac.dtype)
-        iz = kz % s
-        for dy in (0, 1):
-            ky = k0[..., 1] + dy
-            wy = (frac[..., 1] if dy else 1 - frac[..., 1]) * _in_band(ky, s, frac.dtype)
-            iy = ky % s
-            for dx in (0, 1):
-                wx = frac[..., 0] if dx else 1 - frac[..., 0]
-                ix = (k0[..., 0] + dx).clamp(max=half)
-                index = ((iz * s + iy) * (half + 1) + ix).reshape(-1)
-                out.index_add_(0, index, (values * (wz * wy * wx).to(values.dtype)).reshape(-1))
+    for index, weight in _trilinear_corners(k, s):
+        out.index_add_(0, index.reshape(-1), (values * weight.to(values.dtype)).reshape(-1))
     return out.reshape(s, s, half + 1)[..., :half].clone()
