@@ -10,18 +10,23 @@ Maps are ``(s, s, s)`` real tensors ``(z, y, x)`` with their centre at voxel ``s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from denovo3d.fourier import centred_irfft, centred_rfft, rfft_coords
 from denovo3d.geometry.euler import matrix_to_euler
 from denovo3d.geometry.symmetry import PointGroup, point_group, rotate_map, symmetrise
 from denovo3d.symmetry_search import (
+    AngleTables,
     FourierBand,
     cyclic_order,
     hemisphere_axes,
     keep_shells,
     normaliser,
+    operator_pairs,
+    orientation_error_deg,
     pair_correlations,
     prepare_band,
     reduce_to_cell,
@@ -93,12 +98,21 @@ class Bands:
     coarse: FourierBand
     fine: FourierBand
     centre_px: torch.Tensor
+    tables: AngleTables
 
 
-def centre_of_mass(volume: torch.Tensor) -> torch.Tensor:
-    """xyz offset (pixels) from voxel s//2 of the centre of mass of the density above the mean."""
+def centre_of_mass(volume: torch.Tensor, blur_px: float | None = None) -> torch.Tensor:
+    """xyz offset (pixels) from voxel s//2 of the centre of the density, robust to noise.
+
+    The map is low-pass filtered (Gaussian of ``blur_px``, default ``s / 32``) and only the
+    density more than a tenth of the way from the median to the maximum counts: noise, which
+    would pull a plain centre of mass towards the box centre, averages out below that level."""
     s = volume.shape[-1]
-    w = (volume - volume.mean()).clamp(min=0)
+    sigma = s / 32 if blur_px is None else blur_px
+    k2 = (rfft_coords(s, volume.device).to(volume.dtype) ** 2).sum(-1) / s**2
+    smooth = centred_irfft(centred_rfft(volume) * torch.exp(-2 * math.pi**2 * sigma**2 * k2), s)
+    base = smooth.median()
+    w = (smooth - base - 0.1 * (smooth.max() - base)).clamp(min=0)
     r = torch.arange(s, dtype=volume.dtype, device=volume.device) - s // 2
     total = w.sum().clamp(min=torch.finfo(volume.dtype).tiny)
     z, y, x = (w.sum(dims) @ r / total for dims in ((1, 2), (0, 2), (0, 1)))
@@ -113,10 +127,12 @@ def prepare_bands(volume: torch.Tensor, params: AlignParams) -> Bands:
     coarse_high = params.global_high or work / 10
     fine_high = params.refine_high or 3 * work / 8
     centre = torch.zeros(3, dtype=v.dtype) if params.keep_centre else centre_of_mass(v)
+    coarse = prepare_band(v, centre, params.low, coarse_high)
     return Bands(
-        coarse=prepare_band(v, centre, params.low, coarse_high),
+        coarse=coarse,
         fine=prepare_band(v, centre, params.low, fine_high),
         centre_px=centre,
+        tables=AngleTables(coarse),
     )
 
 
@@ -151,14 +167,25 @@ def _skew_exp(omega: torch.Tensor) -> torch.Tensor:
 
 
 def shell_model(
-    band: FourierBand, group: PointGroup, rotation: torch.Tensor, shift: torch.Tensor | None
+    band: FourierBand,
+    group: PointGroup,
+    rotations: torch.Tensor,
+    shifts: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Shell weights and noise power ``(n_shells,)`` each, from each shell's agreement ``ρ`` with
-    its symmetry copies at ``rotation``: weight = signal-to-noise ``ρ/(1-ρ)`` (0 where the copies
-    do not agree), noise power ``1-ρ`` (the band is whitened: mean power 1 per shell)."""
-    ops = group.operators[1:].to(torch.float64)
-    h = (rotation.T @ ops @ rotation).to(band.coords.dtype)
-    rho = shell_correlations(band, h, None if shift is None else shift.to(h.dtype))
+    its symmetry copies, the best over candidate ``rotations (c, 3, 3)`` and ``shifts (c, 3)``:
+    weight = signal-to-noise ``ρ/(1-ρ)`` (0 where the copies do not agree), noise power ``1-ρ``
+    (the band is whitened: mean power 1 per shell). One model per map, fixed while candidates
+    are compared, so that their scores are comparable."""
+    ops, _ = operator_pairs(group)
+    ops = ops.to(torch.float64)
+    rho = None
+    for i, r in enumerate(rotations.to(torch.float64)):
+        h = (r.T @ ops @ r).to(band.coords.dtype)
+        shift = None if shifts is None else shifts[i].to(h.dtype)
+        one = shell_correlations(band, h, shift)
+        rho = one if rho is None else torch.maximum(rho, one)
+    assert rho is not None
     rho = rho.clamp(0.0, 0.95)
     return rho / (1 - rho), 1 - rho
 
@@ -170,15 +197,17 @@ def refine(
     iterations: int,
     model: tuple[torch.Tensor, torch.Tensor] | None = None,
     start_shift: torch.Tensor | None = None,
-    max_operators: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """L-BFGS on a rotation vector (left perturbation of ``start``) and a shift (input pixels).
 
-    ``model``: shell weights and noise power (:func:`shell_model`); the first ``max_operators``
-    non-identity operators (generators first) are used. Returns the refined rotation
-    ``(3, 3)``, the shift ``(3,)`` and the score."""
+    ``model``: shell weights and noise power (:func:`shell_model`). Every operator is used, one
+    of each pair ``g, g⁻¹`` (same score). Returns the refined rotation ``(3, 3)``, the shift
+    ``(3,)`` and the score."""
     weights, noise = (None, None) if model is None else model
-    ops = group.operators[1 : 1 + max_operators].to(torch.float64)
+    ops, mult = operator_pairs(group)
+    ops = ops.to(torch.float64)
+    f32 = band.coords.dtype
+    mult = (mult / mult.sum()).to(f32)
     omega = torch.zeros(3, dtype=torch.float64, requires_grad=True)
     shift0 = torch.zeros(3, dtype=torch.float64) if start_shift is None else start_shift
     shift = shift0.clone().double().requires_grad_(True)
@@ -186,56 +215,73 @@ def refine(
     opt = torch.optim.LBFGS(
         [omega, shift], lr=1, max_iter=iterations, line_search_fn="strong_wolfe"
     )
-    f32 = band.coords.dtype
+
+    def score_at() -> torch.Tensor:
+        r = _skew_exp(omega) @ r0
+        h = (r.T @ ops @ r).to(f32)
+        return (pair_correlations(band, h, shift.to(f32), weights, noise) * mult).sum()
 
     def loss_fn() -> torch.Tensor:
         opt.zero_grad()
-        r = _skew_exp(omega) @ r0
-        h = (r.T @ ops @ r).to(f32)
-        rho = pair_correlations(band, h, shift.to(f32), weights, noise)
-        loss = -rho.mean() + 1e-4 * (shift**2).sum()
+        loss = -score_at() + 1e-4 * (shift**2).sum()
         loss.backward()
         return loss
 
     opt.step(loss_fn)
     with torch.no_grad():
+        score = score_at()
         r = _skew_exp(omega) @ r0
-        h = (r.T @ ops @ r).to(f32)
-        score = pair_correlations(band, h, shift.to(f32), weights, noise).mean()
     return r.detach(), shift.detach(), float(score)
 
 
 def _coarse_alignment(
     bands: Bands, g: PointGroup, params: AlignParams
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Global search on the coarse band, then the best few candidates refined there."""
+) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    """Global search on the coarse band, then the best few distinct candidates refined there:
+    ``(rotation, shift, score)`` per distinct optimum, best first."""
     rotations = _candidates(g, params)
-    scores = search_rotations(bands.coarse, g, rotations)
-    best = None
+    scores = search_rotations(bands.coarse, g, rotations, bands.tables)
+    found = []
     for i in _distinct_best(rotations, scores, params.n_refine):
         r, shift, score = refine(bands.coarse, g, rotations[i], params.refine_iterations)
-        if best is None or score > best[2]:
-            best = (r, shift, score)
-    assert best is not None
-    return best
+        found.append((r, shift, score))
+    found.sort(key=lambda x: -x[2])
+    distinct: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+    for r, shift, score in found:
+        if all(float(orientation_error_deg(r, q.T, g)) > 2.0 for q, _, _ in distinct):
+            distinct.append((r, shift, score))
+    return distinct
 
 
 def align_symmetry(
     volume: torch.Tensor | Bands, group: PointGroup | str, params: AlignParams | None = None
 ) -> SymmetryAlignment:
     """Find the rotation and centre that put ``volume (s, s, s)`` (or its prepared bands) on the
-    standard axes of ``group``. Deterministic for ``params.seed``."""
+    standard axes of ``group``. Deterministic for ``params.seed``.
+
+    Every distinct optimum of the coarse search is refined on the fine band under one shell
+    model (a wrong setting can win at low resolution, e.g. one sharing some of the axes); the
+    best is refined again with the model re-estimated there."""
     params = params or AlignParams()
     g = point_group(group) if isinstance(group, str) else group
     bands = volume if isinstance(volume, Bands) else prepare_bands(volume, params)
     if g.order == 1:
         eye = torch.eye(3, dtype=torch.float64)
         return SymmetryAlignment(g.name, eye, bands.centre_px.double(), 1.0, torch.ones(0))
-    r, shift, _ = _coarse_alignment(bands, g, params)
-    for _ in range(2):  # shell weights sharpen as the axes come closer
-        model = shell_model(bands.fine, g, r, shift)
-        band = keep_shells(bands.fine, model[0])
+    found = _coarse_alignment(bands, g, params)
+    rotations = torch.stack([r for r, _, _ in found])
+    model = shell_model(bands.fine, g, rotations, torch.stack([s for _, s, _ in found]))
+    band = keep_shells(bands.fine, model[0])
+    best = None
+    for r, shift, _ in found:
         r, shift, score = refine(band, g, r, params.refine_iterations, model, shift)
+        if best is None or score > best[2]:
+            best = (r, shift, score)
+    assert best is not None
+    r, shift, score = best
+    model = shell_model(bands.fine, g, r[None], shift[None])
+    band = keep_shells(bands.fine, model[0])
+    r, shift, score = refine(band, g, r, params.refine_iterations, model, shift)
     ops = g.operators[1:]
     centre = bands.centre_px.double() + shift
     corr = pair_correlations(bands.fine, (r.T @ ops @ r).float(), shift.float(), *model)
@@ -318,7 +364,7 @@ def detect_symmetry(
     scores = {}
     for name in candidates:
         g = point_group(name)
-        r, shift, _ = _coarse_alignment(bands, g, params)
+        r, shift, _ = _coarse_alignment(bands, g, params)[0]
         h = (r.T @ g.operators[1:] @ r).float()
         rho = pair_correlations(band, h, shift.float())
         scores[name] = (g.order, float(torch.quantile(rho, 0.2)))

@@ -11,22 +11,26 @@ cell of SO(3) per normaliser element (a hemisphere of axis directions for Cn).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from denovo3d.fourier import centred_irfft, centred_rfft, fourier_crop, rfft_coords, sample_rfft
+from denovo3d.fourier import centred_irfft, centred_rfft, fourier_crop, rfft_coords
 from denovo3d.geometry.euler import euler_to_matrix, random_rotations
-from denovo3d.geometry.symmetry import PointGroup, _close, _rot, default_pad, padded_rfft
+from denovo3d.geometry.symmetry import PointGroup, _close, _rot, axis_rotation, default_pad
 
 __all__ = [
+    "AngleTables",
     "FourierBand",
     "cyclic_order",
+    "full_grid",
     "keep_shells",
     "normaliser",
+    "operator_pairs",
     "orientation_error_deg",
     "pair_correlations",
     "prepare_band",
+    "sample_band",
     "search_rotations",
     "shell_correlations",
     "spherical_mask",
@@ -35,20 +39,52 @@ __all__ = [
 
 @dataclass(frozen=True)
 class FourierBand:
-    """A map's transform ready for scoring: padded half grid, the band's frequencies and values.
+    """A map's transform ready for scoring: padded full grid, the band's frequencies and values.
 
-    ``ft_pad (S, S, S//2+1)`` complex (``S = pad * box``), ``coords (V, 3)`` xyz frequencies
-    (cycles per box) with ``low <= |k| <= high``, ``values (V,)`` ``F(k)``, ``weights (V,)``
-    (2: each kept k stands for k and -k; half the kx = 0 plane is kept), ``box`` of the input map.
+    ``grid (1, 2, S, S, S)`` real and imaginary parts of the centred full transform of the small
+    map zero-padded ``pad`` times (index ``S // 2`` is frequency 0; ``(z, y, x)``), for
+    :func:`sample_band`; ``coords (V, 3)`` xyz frequencies (cycles per small box) with
+    ``low <= |k| <= high``, ``values (V,)`` ``F(k)``, ``weights (V,)`` (2: each kept k stands
+    for k and -k; half the kx = 0 plane is kept), ``box`` of the input map, ``shells (V,)``.
     """
 
-    ft_pad: torch.Tensor
+    grid: torch.Tensor
     pad: int
     coords: torch.Tensor
     values: torch.Tensor
     weights: torch.Tensor
     box: int
     shells: torch.Tensor
+
+
+def full_grid(volume: torch.Tensor, pad: int) -> torch.Tensor:
+    """``(s, s, s)`` map -> ``(1, 2, S, S, S)`` real/imaginary parts of the centred full transform
+    of the map zero-padded to ``S = pad * s``: ``F[S//2 + k]``, unnormalised."""
+    s = volume.shape[-1]
+    big = pad * s
+    padded = volume.new_zeros(big, big, big)
+    lo = big // 2 - s // 2
+    padded[lo : lo + s, lo : lo + s, lo : lo + s] = volume
+    ft = torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(padded)))
+    return torch.stack([ft.real, ft.imag])[None].contiguous()
+
+
+def sample_band(band: FourierBand, coords: torch.Tensor) -> torch.Tensor:
+    """Trilinear samples ``(...)`` complex of the band's padded transform at ``coords (..., 3)``
+    (xyz, cycles per small box; zero beyond the grid). One fused ``grid_sample`` call, which is
+    differentiable with respect to ``coords``."""
+    size = band.grid.shape[-1]
+    index = coords * band.pad + size // 2
+    norm = (index * (2.0 / (size - 1)) - 1.0).to(band.grid.dtype)
+    out = torch.nn.functional.grid_sample(
+        band.grid,
+        norm.reshape(1, -1, 1, 1, 3),
+        mode="bilinear",
+        padding_mode="zeros",
+        align_corners=True,
+    )
+    out = out.reshape(2, *coords.shape[:-1])
+    return torch.complex(out[0], out[1])
 
 
 def spherical_mask(box: int, like: torch.Tensor, edge_px: float = 4.0) -> torch.Tensor:
@@ -90,14 +126,15 @@ def prepare_band(
     b = min(s - s % 2, 2 * (math.ceil(high) + 2))
     small = centred_irfft(fourier_crop(ft, b), b) if b < s else centred_irfft(ft, s)
     pad = default_pad(b)
-    ft_pad = padded_rfft(small, pad)
+    grid = full_grid(small, pad)
     k = rfft_coords(b, volume.device).to(volume.dtype)
     r = k.norm(dim=-1)
     keep = (r >= low) & (r <= high) & ~((k[..., 0] == 0) & (_negative_half(k)))
     coords = k[keep]
-    values = sample_rfft(ft_pad, coords * pad)
+    band = FourierBand(grid, pad, coords, coords[:, 0], coords[:, 0], s, r[keep].round().long())
+    values = sample_band(band, coords)
     weights = torch.full_like(coords[:, 0], 2.0)  # each kept k stands for k and -k
-    return FourierBand(ft_pad, pad, coords, values, weights, s, r[keep].round().long())
+    return replace(band, values=values, weights=weights)
 
 
 def keep_shells(band: FourierBand, shell_weights: torch.Tensor, floor: float = 0.02) -> FourierBand:
@@ -105,14 +142,12 @@ def keep_shells(band: FourierBand, shell_weights: torch.Tensor, floor: float = 0
     shells where the copies agree): the same scores for a fraction of the cost."""
     useful = shell_weights > floor * float(shell_weights.max())
     keep = useful[band.shells]
-    return FourierBand(
-        band.ft_pad,
-        band.pad,
-        band.coords[keep],
-        band.values[keep],
-        band.weights[keep],
-        band.box,
-        band.shells[keep],
+    return replace(
+        band,
+        coords=band.coords[keep],
+        values=band.values[keep],
+        weights=band.weights[keep],
+        shells=band.shells[keep],
     )
 
 
@@ -129,7 +164,7 @@ def _pair_terms(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-frequency numerator and denominator ``(..., V)`` of :func:`pair_correlations`."""
     q = torch.einsum("vi,...ij->...vj", band.coords, h.to(band.coords.dtype))
-    sampled = sample_rfft(band.ft_pad, q * band.pad)
+    sampled = sample_band(band, q)
     prod = band.values.conj() * sampled
     if shift_px is not None:
         d = torch.einsum("...ij,j->...i", h.to(shift_px.dtype), shift_px) - shift_px
@@ -180,24 +215,112 @@ def shell_correlations(
     return num_s / den_s.clamp(min=torch.finfo(num.dtype).tiny)
 
 
+def operator_pairs(group: PointGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    """The non-identity operators up to inversion, ``(m, 3, 3)``, and their multiplicities
+    ``(m,)`` (2 where ``g ≠ g⁻¹``): ``ρ(h) = ρ(hᵀ)``, so each pair is scored once."""
+    ops = group.operators[1:]
+    keep, weight, seen = [], [], {}
+    for i, g in enumerate(ops):
+        key_t = tuple(torch.round(g.T.flatten() * 1e4).long().tolist())
+        if key_t in seen:
+            weight[seen[key_t]] = 2.0
+            continue
+        seen[tuple(torch.round(g.flatten() * 1e4).long().tolist())] = len(keep)
+        keep.append(i)
+        weight.append(1.0)
+    return ops[keep], torch.tensor(weight, dtype=torch.float64)
+
+
+def _axis_angle(ops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit axes ``(m, 3)`` and angles ``(m,)`` in ``(0, π]`` of proper rotations ``(m, 3, 3)``."""
+    cos = ((ops.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2).clamp(-1.0, 1.0)
+    angle = torch.arccos(cos)
+    skew = torch.stack(
+        [ops[:, 2, 1] - ops[:, 1, 2], ops[:, 0, 2] - ops[:, 2, 0], ops[:, 1, 0] - ops[:, 0, 1]], -1
+    )
+    # near π the skew part vanishes: (M + Mᵀ)/2 - cos θ I = (1 - cos θ) a aᵀ (sign irrelevant)
+    eye = torch.eye(3, dtype=ops.dtype)
+    sym = (ops + ops.transpose(-1, -2)) / 2 - cos[:, None, None] * eye
+    column = sym.diagonal(dim1=-2, dim2=-1).argmax(-1)
+    from_sym = sym[torch.arange(ops.shape[0]), :, column]
+    axis = torch.where((angle > 2.5)[:, None], from_sym, skew)
+    return axis / axis.norm(dim=-1, keepdim=True), angle
+
+
+class AngleTables:
+    """``ρ`` of turns by fixed angles about every direction of a latitude-longitude grid of the
+    upper hemisphere (``ρ(a, θ) = ρ(-a, θ)``), computed once per angle and then interpolated: the
+    global search of any proper group costs a few tables instead of candidates × operators, and
+    groups sharing angles (detection) share tables."""
+
+    def __init__(self, band: FourierBand, step_deg: float = 2.5, chunk_points: int = 2_000_000):
+        self.band = band
+        self.n_tilt = math.ceil(90.0 / step_deg) + 1
+        self.n_rot = math.ceil(360.0 / step_deg)
+        tilt = torch.linspace(0.0, math.pi / 2, self.n_tilt, dtype=torch.float64)
+        rot = torch.arange(self.n_rot, dtype=torch.float64) * (2 * math.pi / self.n_rot)
+        t, r = torch.meshgrid(tilt, rot, indexing="ij")
+        self.directions = torch.stack([t.sin() * r.cos(), t.sin() * r.sin(), t.cos()], -1)
+        self.chunk_points = chunk_points
+        self._tables: dict[int, torch.Tensor] = {}
+
+    def table(self, angle_rad: float) -> torch.Tensor:
+        """``(n_tilt, n_rot)`` correlations for turns by ``angle_rad`` about the grid directions."""
+        key = round(angle_rad * 1e6)
+        if key not in self._tables:
+            dirs = self.directions.reshape(-1, 3)
+            h = axis_rotation(dirs, torch.full_like(dirs[:, 0], angle_rad))
+            per = max(1, self.chunk_points // self.band.coords.shape[0])
+            rho = [
+                pair_correlations(self.band, h[i : i + per].to(self.band.coords.dtype))
+                for i in range(0, h.shape[0], per)
+            ]
+            self._tables[key] = torch.cat(rho).double().reshape(self.n_tilt, self.n_rot)
+        return self._tables[key]
+
+    def lookup(self, angle_rad: float, axes: torch.Tensor) -> torch.Tensor:
+        """Bilinear interpolation of the table of ``angle_rad`` at unit ``axes (..., 3)``."""
+        tab = self.table(angle_rad)
+        a = torch.where(axes[..., 2:3] < 0, -axes, axes)
+        ti = torch.arccos(a[..., 2].clamp(-1.0, 1.0)) / (math.pi / 2) * (self.n_tilt - 1)
+        ri = torch.atan2(a[..., 1], a[..., 0]) % (2 * math.pi) / (2 * math.pi) * self.n_rot
+        t0 = ti.floor().long().clamp(max=self.n_tilt - 2)
+        r0 = ri.floor().long()
+        ft, fr = ti - t0, ri - r0
+        r0, r1 = r0 % self.n_rot, (r0 + 1) % self.n_rot
+        top = tab[t0, r0] * (1 - fr) + tab[t0, r1] * fr
+        bottom = tab[t0 + 1, r0] * (1 - fr) + tab[t0 + 1, r1] * fr
+        return top * (1 - ft) + bottom * ft
+
+
 def search_rotations(
     band: FourierBand,
     group: PointGroup,
     rotations: torch.Tensor,
-    max_operators: int = 64,
+    tables: AngleTables | None = None,
     chunk_points: int = 2_000_000,
 ) -> torch.Tensor:
-    """Mean ``ρ`` per candidate ``rotations (n, 3, 3)`` over the group's first ``max_operators``
-    non-identity operators (the generators and their first products: enough to place the axes;
-    the refinement uses them all)."""
-    ops = group.operators[1 : 1 + max_operators].to(band.coords.dtype)
+    """Mean ``ρ`` over the group's operators per candidate ``rotations (n, 3, 3)``.
+
+    A proper group is scored from :class:`AngleTables` (``RᵀgR`` turns by g's angle about
+    ``Rᵀa_g``); other groups directly, one operator of each pair ``g, g⁻¹``."""
+    ops, mult = operator_pairs(group)
+    if group.is_proper:
+        tables = tables if tables is not None else AngleTables(band)
+        axes, angles = _axis_angle(ops)
+        total = torch.zeros(rotations.shape[0], dtype=torch.float64)
+        for a, angle, m in zip(axes, angles.tolist(), mult.tolist(), strict=True):
+            total += m * tables.lookup(angle, rotations.transpose(-1, -2) @ a)
+        return total / mult.sum()
+    ops = ops.to(band.coords.dtype)
+    w = mult.to(band.coords.dtype)
     per = max(1, chunk_points // (ops.shape[0] * band.coords.shape[0]))
     out = []
     for start in range(0, rotations.shape[0], per):
         r = rotations[start : start + per].to(band.coords.dtype)
         h = r.transpose(-1, -2)[:, None] @ ops[None] @ r[:, None]
-        out.append(pair_correlations(band, h).mean(-1))
-    return torch.cat(out)
+        out.append((pair_correlations(band, h) * w).sum(-1) / w.sum())
+    return torch.cat(out).double()
 
 
 def cyclic_order(group: PointGroup) -> int | None:
