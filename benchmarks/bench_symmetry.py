@@ -8,12 +8,17 @@ true orientation modulo the group's normaliser (for Cn: the angle between the ax
 
     .venv/bin/python benchmarks/bench_symmetry.py --trials 100 --groups C2,C6,C7,D2,D7,T,O,I
     .venv/bin/python benchmarks/bench_symmetry.py --trials 5 --relion   # side by side
+
+Trials run round robin over the groups (an interrupted run has every group's first trials); times
+are wall-clock and CPU seconds (CPU is the fair comparison on a shared machine). RELION's
+alignment is read from its "The refined solution is ROT = .. TILT = .. PSI = .." line.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -25,28 +30,25 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.symmetry_phantoms import degrade, phantom
+from tests.symmetry_phantoms import recovery_trial
 
-from denovo3d.geometry.euler import euler_to_matrix, random_rotations
+from denovo3d.geometry.euler import euler_to_matrix
 from denovo3d.geometry.symmetry import point_group
 from denovo3d.io.mrc import write_mrc
 from denovo3d.symmetry_align import AlignParams, align_symmetry
 from denovo3d.symmetry_search import orientation_error_deg
 
 
-def make_input(group: str, trial: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(10_000 + trial)
-    truth = random_rotations(1, gen)[0]
-    shift = (torch.rand(3, generator=gen, dtype=torch.float64) - 0.5) * 6
-    clean = phantom(group, 64, seed=trial, rotation=truth, shift_px=shift)
-    return degrade(clean, seed=trial).float(), truth
-
-
-def run_relion(volume: torch.Tensor, group: str, workdir: Path) -> tuple[torch.Tensor, float]:
-    """relion_align_symmetry on the same map; returns its rotation A (RELION Euler) and time."""
+def run_relion(
+    volume: torch.Tensor, group: str, workdir: Path
+) -> tuple[torch.Tensor, float, float]:
+    """relion_align_symmetry on the same map; returns its rotation A (RELION Euler), the wall
+    time and the CPU time of the child process."""
     src = workdir / "in.mrc"
     write_mrc(src, volume.numpy(), 4.0)
     start = time.perf_counter()
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_start = cpu.ru_utime + cpu.ru_stime
     out = subprocess.run(
         ["relion_align_symmetry", "--i", str(src), "--o", str(workdir / "out.mrc"), "--sym", group],
         capture_output=True,
@@ -54,12 +56,24 @@ def run_relion(volume: torch.Tensor, group: str, workdir: Path) -> tuple[torch.T
         check=True,
     ).stdout
     elapsed = time.perf_counter() - start
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_used = cpu.ru_utime + cpu.ru_stime - cpu_start
     found = re.findall(r"rot\s*=\s*([-\d.e+]+).*?tilt\s*=\s*([-\d.e+]+).*?psi\s*=\s*([-\d.e+]+)",
                        out, flags=re.IGNORECASE | re.DOTALL)  # fmt: skip
     if not found:
         raise RuntimeError(f"could not read the angles from relion_align_symmetry:\n{out}")
     rot, tilt, psi = (float(v) for v in found[-1])
-    return euler_to_matrix(torch.tensor(rot), torch.tensor(tilt), torch.tensor(psi)), elapsed
+    angles = (torch.tensor(rot), torch.tensor(tilt), torch.tensor(psi))
+    return euler_to_matrix(*angles), elapsed, cpu_used
+
+
+def _summary(name: str, errs: list[float], secs: list[float], cpu: list[float]) -> str:
+    n = len(errs)
+    ok = sum(e < 1.0 for e in errs)
+    return (
+        f"{ok}/{n} within 1 deg, median error {sorted(errs)[n // 2]:.3f} deg, max {max(errs):.3f}, "
+        f"mean time {sum(secs) / n:.1f} s wall, {sum(cpu) / n:.1f} s CPU"
+    )
 
 
 def main() -> None:
@@ -68,37 +82,42 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--first", type=int, default=0, help="first trial index")
     parser.add_argument("--relion", action="store_true", help="also run relion_align_symmetry")
+    parser.add_argument(
+        "--relion_trials", type=int, default=None, help="RELION on the first N trials only"
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     use_relion = args.relion and shutil.which("relion_align_symmetry") is not None
-    for name in args.groups.split(","):
-        group = point_group(name)
-        ok, times, errs, r_ok, r_times = 0, [], [], 0, []
-        for trial in range(args.first, args.first + args.trials):
-            volume, truth = make_input(name, trial)
-            start = time.perf_counter()
+    names = args.groups.split(",")
+    ours: dict[str, tuple[list[float], list[float], list[float]]] = {n: ([], [], []) for n in names}
+    theirs: dict[str, tuple[list[float], list[float], list[float]]] = {
+        n: ([], [], []) for n in names
+    }
+    # trials outer, groups inner: an interrupted run still has every group's first trials
+    for i, trial in enumerate(range(args.first, args.first + args.trials)):
+        for name in names:
+            group = point_group(name)
+            volume, truth = recovery_trial(name, trial)
+            start, cpu = time.perf_counter(), time.process_time()
             result = align_symmetry(volume, group, AlignParams(seed=trial))
-            times.append(time.perf_counter() - start)
+            secs, cpu = time.perf_counter() - start, time.process_time() - cpu
             err = float(orientation_error_deg(result.rotation, truth, group))
-            errs.append(err)
-            ok += err < 1.0
-            line = f"{name} trial {trial}: ours {err:.3f} deg {times[-1]:.1f} s"
-            if use_relion:
+            for lst, v in zip(ours[name], (err, secs, cpu), strict=True):
+                lst.append(v)
+            line = f"{name} trial {trial}: ours {err:.3f} deg {secs:.1f} s ({cpu:.1f} s CPU)"
+            if use_relion and (args.relion_trials is None or i < args.relion_trials):
                 with tempfile.TemporaryDirectory() as tmp:
-                    a, elapsed = run_relion(volume, name, Path(tmp))
+                    a, r_secs, r_cpu = run_relion(volume, name, Path(tmp))
                 r_err = float(orientation_error_deg(a, truth, group))
-                r_ok += r_err < 1.0
-                r_times.append(elapsed)
-                line += f" | relion {r_err:.3f} deg {elapsed:.1f} s"
+                for lst, v in zip(theirs[name], (r_err, r_secs, r_cpu), strict=True):
+                    lst.append(v)
+                line += f" | relion {r_err:.3f} deg {r_secs:.1f} s ({r_cpu:.1f} s CPU)"
             print(line, flush=True)
-        n = len(errs)
-        summary = (
-            f"SUMMARY {name}: ours {ok}/{n} within 1 deg, median error "
-            f"{sorted(errs)[n // 2]:.3f} deg, max {max(errs):.3f}, mean time {sum(times) / n:.1f} s"
-        )
-        if use_relion:
-            summary += f" | relion {r_ok}/{n} within 1 deg, mean time {sum(r_times) / n:.1f} s"
+    for name in names:
+        summary = f"SUMMARY {name}: ours {_summary(name, *ours[name])}"
+        if theirs[name][0]:
+            summary += f" | relion {_summary(name, *theirs[name])}"
         print(summary, flush=True)
 
 

@@ -13,7 +13,10 @@ import math
 import torch
 
 from denovo3d.fourier import centred_irfft, centred_rfft, rfft_coords
+from denovo3d.geometry.euler import random_rotations
 from denovo3d.geometry.symmetry import point_group
+
+RECOVERY_GROUPS = ("C2", "C6", "C7", "D2", "D7", "T", "O", "I")
 
 
 def subunit(
@@ -83,3 +86,15 @@ def degrade(
     support = volume > 0.05 * volume.max()
     sd = float(volume[support].std())
     return out + noise_sd_rel * sd * torch.randn(out.shape, generator=gen, dtype=out.dtype)
+
+
+def recovery_trial(group: str, trial: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recovery benchmark's input ``trial`` for ``group``: the box-64 phantom in the standard
+    orientation turned by a random rotation ``truth (3, 3)``, moved by up to ±3 px, degraded with
+    the defaults of :func:`degrade`. Returns the float32 map and ``truth`` (the map is
+    ``P(truthᵀ(x - shift))``)."""
+    gen = torch.Generator().manual_seed(10_000 + trial)
+    truth = random_rotations(1, gen)[0]
+    shift = (torch.rand(3, generator=gen, dtype=torch.float64) - 0.5) * 6
+    clean = phantom(group, 64, seed=trial, rotation=truth, shift_px=shift)
+    return degrade(clean, seed=trial).float(), truth

@@ -41,6 +41,8 @@ __all__ = [
     "Detection",
     "GroupEvidence",
     "SymmetryAlignment",
+    "SymmetryResult",
+    "align_requested",
     "align_symmetry",
     "apply_alignment",
     "centre_of_mass",
@@ -296,6 +298,28 @@ def apply_alignment(
     return symmetrise(out, alignment.group) if apply_sym else out
 
 
+@dataclass(frozen=True)
+class SymmetryResult:
+    """What the symmetry step did: the ``alignment`` to the group applied (C1 when detection
+    was unclear) and the ``detection`` when the group asked for was ``auto``."""
+
+    alignment: SymmetryAlignment
+    detection: Detection | None
+
+
+def align_requested(
+    volume: torch.Tensor, sym: str, params: AlignParams | None = None
+) -> SymmetryResult:
+    """Align ``volume (s, s, s)`` to the group ``sym`` (a RELION name) or, for ``auto``, to the
+    group :func:`detect_symmetry` picks (C1 when the evidence is unclear)."""
+    params = params or AlignParams()
+    if sym.strip().lower() != "auto":
+        return SymmetryResult(align_symmetry(volume, sym, params), None)
+    bands = prepare_bands(volume, params)
+    detection = detect_symmetry(volume, params=params, bands=bands)
+    return SymmetryResult(align_symmetry(bands, detection.verdict, params), detection)
+
+
 CANDIDATES = tuple(
     [f"C{n}" for n in range(2, 13)] + [f"D{n}" for n in range(2, 13)] + ["T", "O", "I"]
 )
@@ -338,10 +362,11 @@ class Detection:
 
 def detect_symmetry(
     volume: torch.Tensor,
-    candidates: tuple[str, ...] = CANDIDATES,
+    candidates: tuple[str, ...] | None = None,
     params: AlignParams | None = None,
     accept: float = 0.9,
     min_evidence: float = 0.55,
+    bands: Bands | None = None,
 ) -> Detection:
     """Rank point groups by how well ``volume (s, s, s)`` agrees with its symmetry copies.
 
@@ -353,7 +378,8 @@ def detect_symmetry(
     otherwise C1, naming that group as runner-up.
     """
     params = params or AlignParams()
-    bands = prepare_bands(volume, params)
+    candidates = CANDIDATES if candidates is None else candidates
+    bands = bands if bands is not None else prepare_bands(volume, params)
     s = volume.shape[-1]
     work = min(params.box_size, s - s % 2)
     # finer than the search band: at low resolution any compact blob looks like a cylinder

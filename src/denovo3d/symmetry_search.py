@@ -26,6 +26,7 @@ __all__ = [
     "full_grid",
     "keep_shells",
     "normaliser",
+    "operator_directions",
     "operator_pairs",
     "orientation_error_deg",
     "pair_correlations",
@@ -244,7 +245,17 @@ def _axis_angle(ops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     column = sym.diagonal(dim1=-2, dim2=-1).argmax(-1)
     from_sym = sym[torch.arange(ops.shape[0]), :, column]
     axis = torch.where((angle > 2.5)[:, None], from_sym, skew)
-    return axis / axis.norm(dim=-1, keepdim=True), angle
+    axis = torch.where((angle < 1e-6)[:, None], torch.zeros_like(axis), axis)  # identity: none
+    return axis / axis.norm(dim=-1, keepdim=True).clamp(min=1e-12), angle
+
+
+def operator_directions(ops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Directions ``(m, 3)`` and angles ``(m,)`` (radians) of operators ``(m, 3, 3)``: the axis
+    and turn of a rotation; of an improper operator ``g``, those of the rotation ``-g`` (a mirror
+    gives its plane's normal and π, the inversion the angle 0)."""
+    proper = torch.linalg.det(ops) > 0
+    rotations = torch.where(proper[:, None, None], ops, -ops)
+    return _axis_angle(rotations)
 
 
 class AngleTables:

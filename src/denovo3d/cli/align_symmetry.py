@@ -4,8 +4,10 @@ Centres the map (centre of mass, then sub-voxel on the symmetry axes), searches 
 of rotations at a small box, refines the best ones, turns the full map in Fourier space and, with
 --apply_sym, symmetrises it. The input is a map, or a run_itNNN_model.star whose classes are read
 from data_model_classes (rlnReferenceImage, rlnClassDistribution, rlnEstimatedResolution).
---sym auto first detects the group (see `denovo3d detect-symmetry`). Prints the rotation as RELION
-Euler angles (rot, tilt, psi) and the score; the same seed gives the same result.
+--sym auto first detects the group (see `denovo3d detect-symmetry`) and aligns to it, or says C1
+with the runner-up named when the evidence is unclear. Prints the rotation as RELION Euler angles
+(rot, tilt, psi) and the score, and writes them with the per-operator correlations (and the
+detection table) to <output stem>_symmetry.star; the same seed gives the same result.
 
 Example:
     denovo3d align-symmetry --i InitialModel/job012/run_it200_model.star --select_largest_class \\
@@ -25,12 +27,13 @@ from denovo3d.errors import InputError
 from denovo3d.geometry.symmetry import UnknownGroupError, point_group
 from denovo3d.io.mrc import read_mrc, write_mrc
 from denovo3d.io.star import read_star, require_labels
+from denovo3d.io.symmetry_star import symmetry_star_path, write_symmetry_star
 from denovo3d.symmetry_align import (
     AlignParams,
     SymmetryAlignment,
-    align_symmetry,
+    SymmetryResult,
+    align_requested,
     apply_alignment,
-    detect_symmetry,
 )
 
 __all__ = ["add_args", "load_maps", "main"]
@@ -119,7 +122,7 @@ def main(args: argparse.Namespace) -> int:
         except UnknownGroupError as exc:
             raise InputError(None, f"--sym: {exc}") from None
     maps = load_maps(args)
-    best: tuple[float, Path, torch.Tensor, SymmetryAlignment, float] | None = None
+    best: tuple[float, Path, torch.Tensor, SymmetryResult, float] | None = None
     for path, volume, angpix in maps:
         _check_map(path, volume, args.box_size)
         params = AlignParams(
@@ -127,20 +130,21 @@ def main(args: argparse.Namespace) -> int:
         )
         v = torch.from_numpy(volume.copy())
         start = time.perf_counter()
-        group = sym
-        if sym.lower() == "auto":
-            result = detect_symmetry(v, params=params)
-            print(result.table())
-            group = result.verdict
-        a = align_symmetry(v, group, params)
+        result = align_requested(v, sym, params)
+        if result.detection is not None:
+            print(result.detection.table())
+        a = result.alignment
         _report(path, a, angpix if args.angpix <= 0 else args.angpix)
         print(f"  time {time.perf_counter() - start:.1f} s")
         if best is None or a.score > best[0]:
-            best = (a.score, path, v, a, angpix if args.angpix <= 0 else args.angpix)
+            best = (a.score, path, v, result, angpix if args.angpix <= 0 else args.angpix)
     assert best is not None
-    _, path, v, a, angpix = best
+    _, path, v, result, angpix = best
+    a = result.alignment
     out = apply_alignment(v.double(), a, apply_sym=args.apply_sym and a.group != "C1")
     write_mrc(args.output, out.float().numpy(), angpix)
+    record = write_symmetry_star(symmetry_star_path(args.output), a, angpix, sym, result.detection)
     applied = " and symmetrised" if args.apply_sym and a.group != "C1" else ""
     print(f"Wrote {args.output}: {path.name} aligned{applied} ({a.group}, {angpix:.4g} Å/voxel)")
+    print(f"Wrote {record}")
     return 0

@@ -1,6 +1,7 @@
 """RELION's per-iteration outputs of a VDAM run (relion-vdam-notes §1.9), all written atomically:
 ``run_itNNN_classKKK.mrc``, ``run_itNNN_model.star``, ``run_itNNN_data.star``,
-``run_itNNN_optimiser.star``, ``run_itNNN_sampling.star``; and ``initial_model.mrc``."""
+``run_itNNN_optimiser.star``, ``run_itNNN_sampling.star``; and ``initial_model.mrc`` (with
+``initial_model_symmetry.star`` when a symmetry step ran)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import pandas as pd
 from denovo3d.io.atomic import atomic_path
 from denovo3d.io.mrc import write_mrc
 from denovo3d.io.star import write_star
+from denovo3d.io.symmetry_star import symmetry_star_path, write_symmetry_star
+from denovo3d.symmetry_align import AlignParams, align_requested, apply_alignment
 
 __all__ = ["iteration_root", "write_initial_model", "write_iteration"]
 
@@ -217,16 +220,24 @@ def write_iteration(cfg, state, ps, schedule) -> str:
 
 
 def write_initial_model(cfg, state, ps) -> Path:
-    """``initial_model.mrc`` beside the run: the largest class, symmetry-aligned when asked."""
+    """``initial_model.mrc`` beside the run: the largest class, as RELION's job ends
+    (``relion_align_symmetry --select_largest_class --apply_sym``): unless ``cfg.symmetry`` is C1,
+    turned onto the group's standard axes, centred on them and symmetrised; ``auto`` detects the
+    group first (C1 when unclear: the map is then written as it is). The symmetry step's result
+    goes to ``initial_model_symmetry.star`` (:mod:`denovo3d.io.symmetry_star`)."""
     k = int(state.pdf_class.argmax())
     volume = state.refs[k].detach().cpu().float()
-    if cfg.symmetry.upper() != "C1":
-        try:
-            from denovo3d.symmetry_align import align_symmetry, apply_alignment
-        except ImportError:  # pragma: no cover - the symmetry step lands separately
-            align_symmetry = None
-        if align_symmetry is not None:
-            volume = apply_alignment(volume, align_symmetry(volume, cfg.symmetry))
     path = Path(cfg.output_root).parent / "initial_model.mrc"
+    if cfg.symmetry.upper() != "C1":
+        result = align_requested(volume, cfg.symmetry, AlignParams(seed=cfg.random_seed))
+        if result.alignment.group != "C1":
+            volume = apply_alignment(volume.double(), result.alignment).float()
+        write_symmetry_star(
+            symmetry_star_path(path),
+            result.alignment,
+            ps.pixel_size_a,
+            cfg.symmetry,
+            result.detection,
+        )
     write_mrc(path, volume.numpy(), ps.pixel_size_a)
     return path

@@ -43,7 +43,7 @@ def _table_html(obj: object) -> str:
     if isinstance(obj, list) and obj and all(isinstance(v, dict) for v in obj):
         return _table_html(pd.json_normalize(obj))
     if isinstance(obj, dict):
-        flat = {k: v for k, v in obj.items() if not isinstance(v, dict | list)}
+        flat = {k: v for k, v in obj.items() if not isinstance(v, dict | list | pd.DataFrame)}
         out = pd.DataFrame({"": list(flat), "value": list(flat.values())}).to_html(index=False)
         nested = {k: v for k, v in obj.items() if k not in flat}
         return (out if flat else "") + "".join(
