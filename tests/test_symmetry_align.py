@@ -14,7 +14,14 @@ from denovo3d.geometry.euler import random_rotations
 from denovo3d.geometry.symmetry import point_group, symmetrise
 from denovo3d.io.mrc import read_mrc, write_mrc
 from denovo3d.io.star import write_star
-from denovo3d.symmetry_align import AlignParams, align_symmetry, apply_alignment, detect_symmetry
+from denovo3d.symmetry_align import (
+    CANDIDATES,
+    AlignParams,
+    align_symmetry,
+    apply_alignment,
+    detect_symmetry,
+    subgroups,
+)
 from denovo3d.symmetry_search import orientation_error_deg
 from tests.symmetry_phantoms import degrade, phantom
 
@@ -123,3 +130,23 @@ def test_cli_detect_symmetry(tmp_path: Path, capsys) -> None:
     text = capsys.readouterr().out
     assert "verdict: C3" in text
     assert cli_main(["detect-symmetry", str(src), "--candidates", "C2,X9"]) == 2
+
+
+def test_subgroups_are_subgroups() -> None:
+    """Each listed subgroup's order divides the group's, and each of its turns (angle) is one of
+    the group's, as often at least."""
+
+    def angles(name: str) -> list[int]:
+        ops = point_group(name).operators[1:]
+        cos = ((ops.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2).clamp(-1, 1)
+        return torch.rad2deg(torch.arccos(cos)).round().int().tolist()
+
+    for name in CANDIDATES:
+        found = subgroups(name)
+        if name.startswith("D"):
+            assert "C2" in found and f"C{name[1:]}" in found
+        for sub in found:
+            assert point_group(name).order % point_group(sub).order == 0, (name, sub)
+            big = angles(name)
+            for a in angles(sub):
+                big.remove(a)  # raises if the group lacks a turn by this angle

@@ -48,6 +48,7 @@ __all__ = [
     "centre_of_mass",
     "detect_symmetry",
     "prepare_bands",
+    "subgroups",
 ]
 
 
@@ -373,9 +374,10 @@ def detect_symmetry(
     A group's agreement is its score relative to the best group's, both above the null (the
     correlation with randomly turned copies): every element of a true group agrees as well as
     the best single axis does, while a group with even one wrong element in two falls below 0.5.
-    The verdict is the largest group with agreement >= ``accept``, if the best score stands
-    clearly above the null (``evidence >= min_evidence``, calibrated on asymmetric phantoms);
-    otherwise C1, naming that group as runner-up.
+    A group holds when it and its subgroups among the candidates all reach ``accept``. The
+    verdict is the largest group that holds, if the best score stands clearly above the null
+    (``evidence >= min_evidence``, calibrated on asymmetric phantoms); otherwise C1, naming the
+    best-scoring group as runner-up.
     """
     params = params or AlignParams()
     candidates = CANDIDATES if candidates is None else candidates
@@ -397,10 +399,36 @@ def detect_symmetry(
     top = max(s for _, s in scores.values())
     span = max(top - null, 1e-6)
     rows = [GroupEvidence(n, o, s, (s - null) / span) for n, (o, s) in scores.items()]
-    rows.sort(key=lambda e: (e.agreement >= accept, e.order, e.score), reverse=True)
+    agree = {r.group for r in rows if r.agreement >= accept}
+    # a group holds only if each of its subgroups among the candidates holds too (a compact
+    # blob agrees with turns by small angles about its long axis, but not with a half turn)
+    held = {n for n in agree if subgroups(n) & set(scores) <= agree}
+    rows.sort(key=lambda e: (e.group in held, e.order, e.score), reverse=True)
     evidence = (top - null) / max(1 - null, 1e-6)
     best = rows[0].group if rows else None
-    if evidence >= min_evidence and best is not None:
-        second = next((r.group for r in rows[1:] if r.agreement >= accept), None)
+    if evidence >= min_evidence and best in held:
+        second = next((r.group for r in rows[1:] if r.group in held), None)
         return Detection(tuple(rows), null, evidence, best, second)
-    return Detection(tuple(rows), null, evidence, "C1", best)
+    runner_up = max(rows, key=lambda e: e.score).group if rows else None
+    return Detection(tuple(rows), null, evidence, "C1", runner_up)
+
+
+def subgroups(name: str) -> set[str]:
+    """Proper subgroups (other than C1 and the group) among Cn, Dn, T, O, I of the group called
+    ``name`` (RELION name; empty for other groups): e.g. D6 -> C2, C3, C6, D2, D3."""
+    name = name.strip().upper()
+    fixed = {
+        "T": {"C2", "C3", "D2"},
+        "O": {"C2", "C3", "C4", "D2", "D3", "D4", "T"},
+        "I": {"C2", "C3", "C5", "D2", "D3", "D5", "T"},
+    }
+    if name in fixed:
+        return fixed[name]
+    if len(name) < 2 or name[0] not in "CD" or not name[1:].isdigit():
+        return set()
+    n = int(name[1:])
+    divisors = [m for m in range(2, n + 1) if n % m == 0]
+    out = {f"C{m}" for m in divisors}
+    if name[0] == "D":
+        out |= {"C2"} | {f"D{m}" for m in divisors}
+    return out - {name}
