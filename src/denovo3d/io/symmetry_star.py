@@ -66,6 +66,8 @@ def write_symmetry_star(
                 "denovoRandomTurnCorrelation": detection.null,
             }
         )
+    # key-value blocks are written with str(): the same 8 significant digits as the loops
+    general = {k: float(f"{v:.8g}") if isinstance(v, float) else v for k, v in general.items()}
     blocks: dict[str, pd.DataFrame | dict] = {"symmetry_general": general}
     group = point_group(alignment.group)
     if group.order > 1:
