@@ -9,11 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
+from denovo3d import symmetry_align
 from denovo3d.cli import main as cli_main
 from denovo3d.geometry.euler import random_rotations
 from denovo3d.geometry.symmetry import point_group, symmetrise
 from denovo3d.io.mrc import read_mrc, write_mrc
-from denovo3d.io.star import write_star
+from denovo3d.io.star import read_star, write_star
 from denovo3d.symmetry_align import (
     CANDIDATES,
     AlignParams,
@@ -123,13 +124,22 @@ def test_cli_bad_group_and_missing_class_map(tmp_path: Path, capsys) -> None:
     assert "class map nope.mrc not found" in capsys.readouterr().err
 
 
-def test_cli_detect_symmetry(tmp_path: Path, capsys) -> None:
+def test_cli_detect_symmetry(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
     volume, _, _ = _turned("C3", 6, box=32)
     src = _write_map(tmp_path / "c3.mrc", volume)
     assert cli_main(["detect-symmetry", str(src), "--candidates", "C2,C3"]) == 0
     text = capsys.readouterr().out
     assert "verdict: C3" in text
     assert cli_main(["detect-symmetry", str(src), "--candidates", "C2,X9"]) == 2
+    # --sym auto in align-symmetry: detect (few candidates, for speed), align, record
+    monkeypatch.setattr(symmetry_align, "CANDIDATES", ("C2", "C3"))
+    out = tmp_path / "aligned.mrc"
+    assert cli_main(["align-symmetry", "--i", str(src), "--o", str(out), "--sym", "auto"]) == 0
+    assert "verdict: C3" in capsys.readouterr().out
+    blocks = read_star(tmp_path / "aligned_symmetry.star")
+    assert blocks["symmetry_general"]["rlnSymmetryGroup"] == "C3"
+    assert blocks["symmetry_general"]["denovoSymmetryRequested"] == "auto"
+    assert list(blocks["symmetry_detection"]["denovoGroup"]) == ["C3", "C2"]
 
 
 def test_subgroups_are_subgroups() -> None:
