@@ -44,6 +44,8 @@ class RefineConfig:
     gpu: str | None = None  # --gpu
     preread_images: bool = False  # --preread_images
     scratch_dir: str | None = None  # --scratch_dir
+    tomograms_path: str | None = None  # --tomograms (RELION 5; handed on in the optimisation set)
+    trajectories_path: str | None = None  # --trajectories (likewise)
     memory_budget_bytes: int = 1 << 30
     sub_batch: int = 256  # particles loaded and searched at once
     command_line: str = ""

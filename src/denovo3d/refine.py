@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -221,8 +222,18 @@ def _load(ps, rows: np.ndarray, box: int, device, cfg: RefineConfig):
     return batch, aligned
 
 
-def iterate(state: RefineState, cfg: RefineConfig, schedule: VdamSchedule, ps, device) -> None:
-    """One VDAM iteration (mini-batch) in place: E-step, M-step, update, noise and priors."""
+def iterate(
+    state: RefineState,
+    cfg: RefineConfig,
+    schedule: VdamSchedule,
+    ps,
+    device,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """One VDAM iteration (mini-batch) in place: E-step, M-step, update, noise and priors.
+
+    ``progress(done, total)`` is called after each sub-batch (progress bar, abort polling); an
+    exception from it leaves ``state`` half-updated, so the caller must drop that state."""
     it = state.iteration + 1
     K, S = cfg.n_classes, ps.box
     step, tau2 = schedule.step_size(it), schedule.tau2(it)
@@ -255,6 +266,8 @@ def iterate(state: RefineState, cfg: RefineConfig, schedule: VdamSchedule, ps, d
         _record(state, rows, al, grids)
         pmax.append(al.max_prob.cpu())
         loglik.append(al.log_evidence.cpu())
+        if progress is not None:
+            progress(start + len(rows), n_batch)
     step_k = step * (1 - torch.exp(-(3 * K + 10) * state.pdf_class)).to(device)
     new_ft, fsc = vdam_update(
         refs_ft, acc.data, acc.weight, state.moments, step_k, tau2, state.current_size / 2
@@ -283,7 +296,13 @@ def iterate(state: RefineState, cfg: RefineConfig, schedule: VdamSchedule, ps, d
     )
 
 
-def assign_all(state: RefineState, cfg: RefineConfig, ps, device) -> None:
+def assign_all(
+    state: RefineState,
+    cfg: RefineConfig,
+    ps,
+    device,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
     """Best pose of every particle against the final references (no update)."""
     grids = _grids(state, cfg, ps, state.iteration, device)
     refs_full = full_centred(_reference_transforms(state.refs, state.current_size))
@@ -291,6 +310,8 @@ def assign_all(state: RefineState, cfg: RefineConfig, ps, device) -> None:
         rows = np.arange(start, min(ps.n, start + cfg.sub_batch))
         batch, aligned = _load(ps, rows, grids.box_load, device, cfg)
         _record(state, rows, align(aligned, batch.ctf2, refs_full, grids.search), grids)
+        if progress is not None:
+            progress(int(rows[-1]) + 1, ps.n)
 
 
 def checkpoint_path_for(output_root: str) -> Path:
@@ -323,12 +344,44 @@ def load_checkpoint(cfg: RefineConfig, device) -> tuple[RefineConfig, RefineStat
 
 
 def device_for(cfg: RefineConfig) -> torch.device:
-    if cfg.gpu is None or cfg.gpu == "":
+    """``--gpu`` absent: CPU; ``--gpu ""`` (RELION's "use GPUs, any"): the first CUDA device, or
+    the CPU where there is none; ``--gpu 1,2``: those devices (the first one here)."""
+    if cfg.gpu is None:
         return torch.device("cpu")
+    if cfg.gpu.strip() == "":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
         raise InputError(None, f"--gpu {cfg.gpu} asked for, but no CUDA device is available")
     first = cfg.gpu.split(",")[0].split(":")[0].strip() or "0"
     return torch.device(f"cuda:{int(first)}")
+
+
+def _iteration_line(state: RefineState, cfg: RefineConfig, ps, seconds: float, eta: str) -> str:
+    """``it  12/100  batch  200  res 41.2 Å  classes 0.52 0.48  pmax 0.41  step 0.90  T 4.0``."""
+    h = state.history[-1]
+    resolution = ps.box * ps.pixel_size_a / max(1, state.current_size // 2)
+    classes = " ".join(f"{p:.2f}" for p in state.pdf_class.detach().cpu().tolist())
+    width = len(str(cfg.n_iter))
+    return (
+        f"it {state.iteration:>{width}}/{cfg.n_iter}  batch {h['batch']:>5}  "
+        f"res {resolution:5.1f} Å  classes {classes}  pmax {state.average_pmax:.2f}  "
+        f"step {h['step']:.2f}  T {h['tau2']:.1f}  {seconds:6.1f} s  ETA {eta}"
+    )
+
+
+def _describe(
+    cfg: RefineConfig, ps, schedule: VdamSchedule, device, resume_from: int | None
+) -> str:
+    start = "new run" if resume_from is None else f"continuing after iteration {resume_from}"
+    kind = getattr(ps, "kind", "in memory")
+    return (
+        f"denovo3d refine: {start}; {ps.n} particles ({kind}), box {ps.box}, "
+        f"{ps.pixel_size_a:.3f} Å/px; K {cfg.n_classes}, {cfg.n_iter} mini-batches of "
+        f"{schedule.batch_ini} -> {schedule.batch_fin}; "
+        f"{angular_step_deg(cfg.healpix_order + 1):g}° fine sampling, "
+        f"offsets {cfg.offset_range_px:g}/{cfg.offset_step_px:g} px; "
+        f"{device}, {cfg.threads} thread(s); symmetry {cfg.symmetry}"
+    )
 
 
 def run(
@@ -337,10 +390,17 @@ def run(
     *,
     resume: bool = False,
     stop_after: int | None = None,
-    on_iteration=None,
+    monitor=None,
 ) -> RefineState:
-    """Run (or resume) a whole job; ``stop_after`` ends after that iteration (tests)."""
-    from denovo3d.io.relion_outputs import write_initial_model, write_iteration
+    """Run (or resume) a whole job; ``stop_after`` ends after that iteration (tests).
+
+    ``monitor`` (a :class:`denovo3d.progress.JobMonitor`) gets the log lines, the progress of
+    every sub-batch (where it may raise to abort) and one summary line per iteration."""
+    from denovo3d.io.relion_outputs import (
+        write_initial_model,
+        write_iteration,
+        write_optimisation_set,
+    )
     from denovo3d.particles import load_particle_set
 
     torch.set_num_threads(max(1, cfg.threads))
@@ -353,21 +413,36 @@ def run(
         if cfg.preread_images:
             ps.preread(threads=cfg.threads)
     schedule = VdamSchedule.build(cfg, ps.n)
+    log = monitor.log if monitor is not None else (lambda message: None)
+    log(_describe(cfg, ps, schedule, device, state.iteration if resume else None))
     if not resume:
         state = initialise(cfg, ps, device)
         write_iteration(cfg, state, ps, schedule)
         save_checkpoint(state, cfg)
+    remaining = range(state.iteration + 1, cfg.n_iter + 1)
+    if monitor is not None:
+        monitor.plan([schedule.batch_size(it) for it in remaining] + [ps.n] * bool(remaining))
+    progress = monitor.sub_batch if monitor is not None else None
     while state.iteration < cfg.n_iter:
-        iterate(state, cfg, schedule, ps, device)
+        if monitor is not None:
+            monitor.start_iteration(f"it {state.iteration + 1}/{cfg.n_iter}")
+        iterate(state, cfg, schedule, ps, device, progress)
         last = state.iteration == cfg.n_iter
+        particles = state.history[-1]["batch"]
         if last:
-            assign_all(state, cfg, ps, device)
+            if monitor is not None:
+                monitor.next_step("best pose of every particle", particles)
+            assign_all(state, cfg, ps, device, progress)
+            particles += ps.n
         if last or state.iteration % cfg.write_iter == 0:
             write_iteration(cfg, state, ps, schedule)
         save_checkpoint(state, cfg)
-        if on_iteration is not None:
-            on_iteration(state)
+        if monitor is not None:
+            seconds = monitor.end_iteration(particles)
+            log(_iteration_line(state, cfg, ps, seconds, monitor.eta()))
         if stop_after is not None and state.iteration >= stop_after:
             return state
-    write_initial_model(cfg, state, ps)
+    path = write_initial_model(cfg, state, ps)
+    optimisation_set = write_optimisation_set(cfg, state, ps, path)
+    log(f"denovo3d refine: wrote {path} and {optimisation_set}")
     return state
