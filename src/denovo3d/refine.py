@@ -377,7 +377,7 @@ def _describe(
     return (
         f"denovo3d refine: {start}; {ps.n} particles ({kind}), box {ps.box}, "
         f"{ps.pixel_size_a:.3f} Å/px; K {cfg.n_classes}, {cfg.n_iter} mini-batches of "
-        f"{schedule.batch_ini} -> {schedule.batch_fin}; "
+        f"{min(schedule.batch_ini, ps.n)} -> {min(schedule.batch_fin, ps.n)}; "
         f"{angular_step_deg(cfg.healpix_order + 1):g}° fine sampling, "
         f"offsets {cfg.offset_range_px:g}/{cfg.offset_step_px:g} px; "
         f"{device}, {cfg.threads} thread(s); symmetry {cfg.symmetry}"

@@ -26,7 +26,7 @@ __all__ = ["add_args", "external_to_refine", "main"]
 
 _YES = {"yes", "true", "1", "on"}
 _NO = {"no", "false", "0", "off"}
-_OTHER_INPUTS = ("--in_mov", "--in_mic", "--in_coords", "--in_mask")
+_OTHER_INPUTS = ("--in_movies", "--in_mics", "--in_coords", "--in_mask")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
