@@ -160,6 +160,11 @@ def test_gui_command_line_runs_unchanged(
     assert opt["rlnTomoTomogramsFile"] == "sim/tomograms.star"
     handed_on = load_particle_set(job / "run_optimisation_set.star")
     assert handed_on.n == 24 and "rlnAngleTilt" in handed_on.table.columns
+    # the GUI's continuation: --continue run_itNNN_optimiser.star, same root, its --iter
+    again = ["refine", "--continue", "InitialModel/job008/run_it002_optimiser.star"]
+    assert cli_main([*again, "--o", "InitialModel/job008/run", "--iter", "5", "--quiet"]) == 0
+    assert "--iter 5 ignored" in (job / "run.log").read_text()
+    assert not (job / "run_it005_data.star").exists()
     # the RELION 4 form: --i particles.star instead of --ios
     relion4 = [
         "--i" if a == "--ios" else "sim/particles.star" if a.endswith("set.star") else a

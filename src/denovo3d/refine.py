@@ -406,6 +406,7 @@ def run(
     torch.set_num_threads(max(1, cfg.threads))
     device = device_for(cfg)
     ensure_writable_dir(Path(cfg.output_root).parent)  # before any work
+    asked_iter = cfg.n_iter
     if resume:
         cfg, state = load_checkpoint(cfg, device)
     if ps is None:
@@ -415,6 +416,8 @@ def run(
     schedule = VdamSchedule.build(cfg, ps.n)
     log = monitor.log if monitor is not None else (lambda message: None)
     log(_describe(cfg, ps, schedule, device, state.iteration if resume else None))
+    if resume and asked_iter > 0 and asked_iter != cfg.n_iter:
+        log(f"--iter {asked_iter} ignored: the run keeps its schedule of {cfg.n_iter} iterations")
     if not resume:
         state = initialise(cfg, ps, device)
         write_iteration(cfg, state, ps, schedule)

@@ -57,7 +57,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tomograms", default=None, help="tomograms.star (RELION 5 form)")
     parser.add_argument("--trajectories", default=None, help="motion trajectories (RELION 5)")
     parser.add_argument("--o", dest="output", help="output root, e.g. InitialModel/job008/run")
-    parser.add_argument("--iter", type=int, default=100, help="VDAM mini-batches (100)")
+    parser.add_argument("--iter", type=int, default=None, help="VDAM mini-batches (100)")
     parser.add_argument("--K", type=int, default=1, help="number of classes (1)")
     parser.add_argument("--particle_diameter", type=float, help="mask diameter, Å")
     parser.add_argument("--flatten_solvent", action="store_true", help="soft spherical mask")
@@ -198,7 +198,9 @@ def build_config(args: argparse.Namespace) -> RefineConfig:
             raise InputError(None, "--i particles.star or --ios optimisation_set.star is needed")
         if args.particle_diameter is None:
             raise InputError(None, "--particle_diameter (the mask diameter in Å) is needed")
-    if args.iter < 1 or args.K < 1:
+    # on --continue an unset --iter means the run's own (-1 until the checkpoint is read)
+    n_iter = args.iter if args.iter is not None else (-1 if resume else 100)
+    if (args.iter is not None and args.iter < 1) or args.K < 1:
         raise InputError(None, f"--iter {args.iter} and --K {args.K} must be at least 1")
     if args.offset_step <= 0 or args.offset_range < 0:
         raise InputError(None, "--offset_step must be > 0 and --offset_range >= 0")
@@ -211,7 +213,7 @@ def build_config(args: argparse.Namespace) -> RefineConfig:
     return RefineConfig(
         input_path=input_path or "",
         output_root=output,
-        n_iter=args.iter,
+        n_iter=n_iter,
         n_classes=args.K,
         particle_diameter_a=args.particle_diameter or 200.0,
         flatten_solvent=args.flatten_solvent,
