@@ -153,6 +153,7 @@ def test_gui_command_line_runs_unchanged(
     for flag in ("--pool", "--pad", "--skip_gridding", "--dont_combine_weights_via_disc"):
         assert log.count(f"  {flag}: no effect") == 1
     assert "it 2/2" in log and "ETA" in log
+    assert "$ denovo3d refine --o InitialModel/job008/run --ios sim/optimisation_set.star" in log
     # the optimisation set handed on reads back: particles with poses, the map as reference
     opt = read_star(job / "run_optimisation_set.star")[""]
     assert opt["rlnTomoParticlesFile"] == "InitialModel/job008/run_it002_data.star"

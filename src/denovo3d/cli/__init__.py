@@ -69,6 +69,7 @@ def _unknown_argument(parser: argparse.ArgumentParser, extras: list[str]) -> str
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``denovo3d``; returns the exit code (0 ok, 2 bad input)."""
     args, extras = build_parser().parse_known_args(argv)
+    args.command_argv = ["denovo3d", *(sys.argv[1:] if argv is None else argv)]
     if extras and getattr(args, "_takes_extras", False):
         args.params, extras = extras, []
     if extras:

@@ -23,7 +23,6 @@ import argparse
 import math
 import re
 import shlex
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -243,9 +242,7 @@ def build_config(args: argparse.Namespace) -> RefineConfig:
         scratch_dir=args.scratch_dir,
         tomograms_path=args.tomograms,
         trajectories_path=args.trajectories,
-        command_line=shlex.join(
-            getattr(args, "command_argv", None) or ["denovo3d", "refine", *sys.argv[2:]]
-        ),
+        command_line=shlex.join(getattr(args, "command_argv", ["denovo3d", "refine"])),
     )
 
 
