@@ -5,6 +5,10 @@ writes ``run_itNNN_*`` at iteration 0, every ``write_iter`` and at the end, give
 its best pose after the last mini-batch, and writes ``initial_model.mrc``. Every random choice is
 drawn from a generator seeded by ``(random_seed, iteration)``, so a resumed run repeats an
 uninterrupted one exactly on the same device.
+
+Launched on several ranks (``torchrun``, ``srun``; :mod:`denovo3d.distributed`), every rank
+searches its share of each mini-batch, the M-step sums are all-reduced, every rank makes the
+same update (then rank 0's state is broadcast), and only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from denovo3d import distributed
 from denovo3d.config import RefineConfig, VdamSchedule
 from denovo3d.engine.expectation import Alignment, PassGrid, Search, align
 from denovo3d.engine.maximization import Accumulators, accumulate
@@ -187,7 +192,7 @@ def _grids(state: RefineState, cfg: RefineConfig, ps, it: int, device) -> _Itera
         sigma2_offset_px=state.sigma2_offset_px,
         fraction=cfg.adaptive_fraction,
         max_significant=cfg.maxsig,
-        budget_bytes=cfg.memory_budget_bytes,
+        budget_bytes=cfg.engine_budget_bytes,
     )
     return _IterationGrids(search, a_fine, cs)
 
@@ -221,8 +226,23 @@ def _load(ps, rows: np.ndarray, box: int, device, cfg: RefineConfig):
     return batch, aligned
 
 
-def iterate(state: RefineState, cfg: RefineConfig, schedule: VdamSchedule, ps, device) -> None:
-    """One VDAM iteration (mini-batch) in place: E-step, M-step, update, noise and priors."""
+def _sub_batch(cfg: RefineConfig, box: int) -> int:
+    """Particles loaded at once: ``cfg.sub_batch``, fewer if their tensors (D, C, M and the
+    masked copy: 24 bytes a half-grid voxel) would pass the engine's memory budget."""
+    per_particle = 24 * box * box * (box // 2 + 1)
+    return max(1, min(cfg.sub_batch, cfg.engine_budget_bytes // per_particle))
+
+
+def iterate(
+    state: RefineState,
+    cfg: RefineConfig,
+    schedule: VdamSchedule,
+    ps,
+    device,
+    ranks: distributed.Ranks = distributed.SINGLE,
+) -> None:
+    """One VDAM iteration (mini-batch) in place: E-step, M-step, update, noise and priors
+    (``ranks``: this rank searches its share of the mini-batch; sums are all-reduced)."""
     it = state.iteration + 1
     K, S = cfg.n_classes, ps.box
     step, tau2 = schedule.step_size(it), schedule.tau2(it)
@@ -235,8 +255,9 @@ def iterate(state: RefineState, cfg: RefineConfig, schedule: VdamSchedule, ps, d
     halves = torch.as_tensor(ps.random_subset - 1, device=device)
     fine = grids.search.fine
     pmax, loglik = [], []
-    for start in range(0, n_batch, cfg.sub_batch):
-        rows = rows_all[start : start + cfg.sub_batch]
+    rows_mine, sub_batch = distributed.share(rows_all, ranks), _sub_batch(cfg, grids.box_load)
+    for start in range(0, len(rows_mine), sub_batch):
+        rows = rows_mine[start : start + sub_batch]
         batch, aligned = _load(ps, rows, grids.box_load, device, cfg)
         al = align(aligned, batch.ctf2, refs_full, grids.search)
         half = halves[torch.as_tensor(rows, device=device)]
@@ -250,11 +271,15 @@ def iterate(state: RefineState, cfg: RefineConfig, schedule: VdamSchedule, ps, d
             refs_full,
             fine,
             state.sigma2.to(device),
-            cfg.memory_budget_bytes,
+            cfg.engine_budget_bytes,
         )
         _record(state, rows, al, grids)
         pmax.append(al.max_prob.cpu())
         loglik.append(al.log_evidence.cpu())
+    distributed.all_reduce_accumulators(acc, ranks)
+    distributed.gather_poses(state.poses, rows_all, ranks)
+    sums = [float(torch.cat(v).double().sum()) if v else 0.0 for v in (pmax, loglik)]
+    pmax_sum, loglik_sum = distributed.all_reduce_sums(sums, ranks)
     step_k = step * (1 - torch.exp(-(3 * K + 10) * state.pdf_class)).to(device)
     new_ft, fsc = vdam_update(
         refs_ft, acc.data, acc.weight, state.moments, step_k, tau2, state.current_size / 2
@@ -269,8 +294,9 @@ def iterate(state: RefineState, cfg: RefineConfig, schedule: VdamSchedule, ps, d
     state.ssnr = ssnr_map(acc.weight[:, 0], centred_rfft(refs), tau2).cpu()
     state.refs, state.fsc, state.iteration = refs, fsc.cpu(), it
     state.current_size = current_size_from_ssnr(state.ssnr, S, cfg.incr_size)
-    state.average_pmax = float(torch.cat(pmax).double().mean())
-    state.log_likelihood = float(torch.cat(loglik).double().sum())
+    state.average_pmax = pmax_sum / n_batch
+    state.log_likelihood = loglik_sum
+    distributed.broadcast_state(state, ranks)
     state.history.append(
         {
             "iteration": it,
@@ -283,14 +309,21 @@ def iterate(state: RefineState, cfg: RefineConfig, schedule: VdamSchedule, ps, d
     )
 
 
-def assign_all(state: RefineState, cfg: RefineConfig, ps, device) -> None:
-    """Best pose of every particle against the final references (no update)."""
+def assign_all(
+    state: RefineState, cfg: RefineConfig, ps, device, ranks: distributed.Ranks = distributed.SINGLE
+) -> None:
+    """Best pose of every particle against the final references (no update); with several
+    ranks each searches its share of every round and the poses are all-gathered."""
     grids = _grids(state, cfg, ps, state.iteration, device)
     refs_full = full_centred(_reference_transforms(state.refs, state.current_size))
-    for start in range(0, ps.n, cfg.sub_batch):
-        rows = np.arange(start, min(ps.n, start + cfg.sub_batch))
-        batch, aligned = _load(ps, rows, grids.box_load, device, cfg)
-        _record(state, rows, align(aligned, batch.ctf2, refs_full, grids.search), grids)
+    step = _sub_batch(cfg, grids.box_load) * ranks.world_size
+    for start in range(0, ps.n, step):
+        rows_round = np.arange(start, min(ps.n, start + step))
+        rows = distributed.share(rows_round, ranks)
+        if len(rows):
+            batch, aligned = _load(ps, rows, grids.box_load, device, cfg)
+            _record(state, rows, align(aligned, batch.ctf2, refs_full, grids.search), grids)
+        distributed.gather_poses(state.poses, rows_round, ranks)
 
 
 def checkpoint_path_for(output_root: str) -> Path:
@@ -344,30 +377,34 @@ def run(
     from denovo3d.particles import load_particle_set
 
     torch.set_num_threads(max(1, cfg.threads))
-    device = device_for(cfg)
+    ranks, device = distributed.setup(device_for(cfg), cfg.gpu)
     ensure_writable_dir(Path(cfg.output_root).parent)  # before any work
     if resume:
         cfg, state = load_checkpoint(cfg, device)
     if ps is None:
-        ps = load_particle_set(cfg.input_path)
+        ps = load_particle_set(cfg.input_path, memory_budget_bytes=cfg.cache_budget_bytes)
         if cfg.preread_images:
             ps.preread(threads=cfg.threads)
     schedule = VdamSchedule.build(cfg, ps.n)
     if not resume:
         state = initialise(cfg, ps, device)
-        write_iteration(cfg, state, ps, schedule)
-        save_checkpoint(state, cfg)
+        distributed.broadcast_state(state, ranks)
+        if ranks.is_writer:
+            write_iteration(cfg, state, ps, schedule)
+            save_checkpoint(state, cfg)
     while state.iteration < cfg.n_iter:
-        iterate(state, cfg, schedule, ps, device)
+        iterate(state, cfg, schedule, ps, device, ranks)
         last = state.iteration == cfg.n_iter
         if last:
-            assign_all(state, cfg, ps, device)
-        if last or state.iteration % cfg.write_iter == 0:
+            assign_all(state, cfg, ps, device, ranks)
+        if ranks.is_writer and (last or state.iteration % cfg.write_iter == 0):
             write_iteration(cfg, state, ps, schedule)
-        save_checkpoint(state, cfg)
+        if ranks.is_writer:
+            save_checkpoint(state, cfg)
         if on_iteration is not None:
             on_iteration(state)
         if stop_after is not None and state.iteration >= stop_after:
             return state
-    write_initial_model(cfg, state, ps)
+    if ranks.is_writer:
+        write_initial_model(cfg, state, ps)
     return state

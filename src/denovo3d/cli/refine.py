@@ -64,6 +64,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--write_iter", type=int, default=10, help="write every N iterations")
     parser.add_argument("--sym", default="C1", help="point group applied at the end (C1)")
+    parser.add_argument(
+        "--max_memory",
+        default=None,
+        help="memory budget per process, e.g. 8G or 512M (default: half the machine's available "
+        "memory, shared by the processes of a node): half caches particles, the rest bounds "
+        "the loaded chunks and the E/M-step temporaries",
+    )
 
 
 def _healpix_order(args: argparse.Namespace) -> int:
@@ -109,7 +116,30 @@ def build_config(args: argparse.Namespace) -> RefineConfig:
         preread_images=args.preread_images,
         scratch_dir=args.scratch_dir,
         command_line=shlex.join(["denovo3d", "refine", *sys.argv[2:]]),
+        memory_budget_bytes=_max_memory(args.max_memory),
     )
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _max_memory(text: str | None) -> int:
+    """``--max_memory`` in bytes ("8G", "512M", "1.5G", "2000000"); default: half of the
+    available memory over the processes on this node."""
+    if text is None:
+        from denovo3d.distributed import local_world_size
+        from denovo3d.memory import available_bytes
+
+        return max(256 << 20, available_bytes() // 2 // local_world_size())
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = value[-1:] if value[-1:] in _UNITS else ""
+    try:
+        size = float(value[: len(value) - len(unit)]) * _UNITS[unit]
+    except ValueError:
+        size = -1.0
+    if not size >= 64 << 20:
+        raise InputError(None, f"--max_memory {text}: expected a size of at least 64M, e.g. 8G")
+    return int(size)
 
 
 def main(args: argparse.Namespace) -> int:
