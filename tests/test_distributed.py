@@ -1,5 +1,6 @@
 """Data parallelism: ranks from the launchers' environments, shares of a mini-batch, and a
-2-rank gloo run (torchrun) that gives the single-process result."""
+2-rank gloo run (torchrun, particles from a --scratch_dir copy) that gives the single-process
+result (particles read from their files)."""
 
 from __future__ import annotations
 
@@ -89,18 +90,19 @@ def test_two_gloo_ranks_equal_one_process(tmp_path: Path) -> None:
     star = write_project(tmp_path / "project", parts, px)
     one = tmp_path / "one" / "run"
     assert cli_main(_refine_args(star, one)) == 0
-    two = tmp_path / "two" / "run"
+    two, scratch = tmp_path / "two" / "run", tmp_path / "scratch"  # ranks read a scratch copy
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1] / "src"), *sys.path])
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     result = subprocess.run(
-        [*launch, "-m", "denovo3d", *_refine_args(star, two)],
+        [*launch, "-m", "denovo3d", *_refine_args(star, two), "--scratch_dir", str(scratch)],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list(scratch.glob("*.particles"))) == 1
     for it in (1, 2, 3):
         for k in (1, 2):
             a, _ = read_mrc(f"{one}_it{it:03d}_class{k:03d}.mrc")

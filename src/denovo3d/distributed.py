@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import atexit
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -43,12 +44,14 @@ __all__ = [
     "broadcast_state",
     "from_env",
     "gather_poses",
+    "local_leader_first",
     "setup",
     "share",
 ]
 
 
 _CPU = torch.device("cpu")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,16 @@ def setup(device: torch.device, gpu_ids: str | None = None) -> tuple[Ranks, torc
 def _destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def local_leader_first(ranks: Ranks, work: Callable[[], T]) -> T:
+    """``work()`` on local rank 0 first, then (after a barrier) on the other ranks: e.g. one
+    process per node writes the scratch copy of the particles, the others then find it."""
+    if not ranks.active:
+        return work()
+    result = work() if ranks.local_rank == 0 else None
+    dist.barrier()
+    return work() if ranks.local_rank != 0 else result
 
 
 def share(rows: np.ndarray, ranks: Ranks) -> np.ndarray:

@@ -10,11 +10,14 @@ layout), cropped to the box the engine asks for:
   as RELION's ``applySubtomoCorrection`` does.
 
 With that, one likelihood serves both formats (DESIGN §4). Reads are lazy, with a least-recently-
-used cache under a memory budget; ``preread`` loads everything at once.
+used cache under a memory budget; ``preread`` loads everything at once; ``use_scratch`` writes
+the transformed particles once into one file on a (local) scratch disk and reads them from there.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -94,6 +97,41 @@ def _read_ctf_classic(path: Path, box: int, row: int) -> np.ndarray:
     )
 
 
+class _ScratchFile:
+    """Particles as D, C, M half grids at box ``box``, one after the other in one file
+    (complex64 then float32, float32: ``16 s² (s/2+1)`` bytes a particle), read by ``pread``
+    (not mapped, so that pages read do not count as this process's memory)."""
+
+    def __init__(self, path: Path, box: int) -> None:
+        self.path, self.box = path, box
+        self.shape = (box, box, box // 2 + 1)
+        self.voxels = box * box * (box // 2 + 1)
+
+    @property
+    def bytes_per_particle(self) -> int:
+        return 16 * self.voxels
+
+    @staticmethod
+    def record(data: torch.Tensor, ctf2: torch.Tensor, mult: torch.Tensor) -> bytes:
+        b = data.shape[0]
+        parts = (torch.view_as_real(data).reshape(b, -1), ctf2.reshape(b, -1), mult.reshape(b, -1))
+        return torch.cat(parts, dim=1).float().contiguous().numpy().tobytes()
+
+    def read(self, rows: Sequence[int]) -> tuple[torch.Tensor, ...]:
+        per, v = self.bytes_per_particle, self.voxels
+        out = np.empty((len(rows), 4 * v), dtype=np.float32)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for j, row in enumerate(rows):
+                out[j] = np.frombuffer(os.pread(fd, per, row * per), dtype=np.float32)
+        finally:
+            os.close(fd)
+        t = torch.from_numpy(out)
+        data = torch.view_as_complex(t[:, : 2 * v].reshape(-1, v, 2).contiguous())
+        shape = (len(rows), *self.shape)
+        return data.reshape(shape), t[:, 2 * v : 3 * v].reshape(shape), t[:, 3 * v :].reshape(shape)
+
+
 class ParticleSet:
     """A validated particle set whose volumes are read on demand (see the module docstring)."""
 
@@ -103,6 +141,7 @@ class ParticleSet:
         self._cache: OrderedDict[int, tuple[torch.Tensor, ...]] = OrderedDict()
         self._cache_box = tables.box
         self._cache_bytes = 0
+        self._scratch: _ScratchFile | None = None
 
     # ---- description ---------------------------------------------------------------------
     @property
@@ -214,6 +253,16 @@ class ParticleSet:
         return data, ctf2, mult
 
     def _read_rows(self, rows: Sequence[int], threads: int) -> tuple[torch.Tensor, ...]:
+        """D, C, M of ``rows`` at the cache box, from the scratch file or the particle files."""
+        if self._scratch is not None:
+            tensors = self._scratch.read(rows)
+        else:
+            tensors = self._read_files(rows, threads)
+        if self._cache_box < self.box:
+            tensors = tuple(fourier_crop(t, self._cache_box) for t in tensors)
+        return tensors
+
+    def _read_files(self, rows: Sequence[int], threads: int) -> tuple[torch.Tensor, ...]:
         if threads > 1 and len(rows) > 1:
             with ThreadPoolExecutor(threads) as pool:
                 items = list(pool.map(self._read_one, rows))
@@ -229,8 +278,6 @@ class ParticleSet:
         data = data.masked_fill(empty, 0).to(torch.complex64)
         weights = weights.masked_fill(empty, 0).float()
         mult = mult.masked_fill(empty, 0).float()
-        if self._cache_box < self.box:
-            data, weights, mult = (fourier_crop(t, self._cache_box) for t in (data, weights, mult))
         return data, weights, mult
 
     def set_cache_box(self, box: int) -> None:
@@ -283,6 +330,31 @@ class ParticleSet:
         while self._cache and self._cache_bytes > self.memory_budget_bytes:
             self._cache.popitem(last=False)
             self._cache_bytes -= per
+
+    def use_scratch(self, directory: str | Path, threads: int = 1, chunk: int = 64) -> Path:
+        """Read the particles from one file in ``directory`` (``--scratch_dir``), written now
+        unless a complete one for this particle set is there: the transformed, masked D, C and
+        M, so a read is one ``pread`` (no MRC headers, no FFT). Written chunk by chunk (memory
+        bounded) to a temporary name, then renamed: several processes may race safely."""
+        source = self.path.resolve()
+        stamp = f"{source}|{source.stat().st_mtime_ns}|{self.n}|{self.box}"
+        key = hashlib.sha1(stamp.encode()).hexdigest()[:16]
+        directory = Path(directory)
+        scratch = _ScratchFile(directory / f"denovo3d_{key}_box{self.box}.particles", self.box)
+        expected = scratch.bytes_per_particle * self.n
+        if not (scratch.path.is_file() and scratch.path.stat().st_size == expected):
+            directory.mkdir(parents=True, exist_ok=True)
+            tmp = scratch.path.with_name(f".{scratch.path.name}.{os.getpid()}.tmp")
+            try:
+                with open(tmp, "wb") as fh:
+                    for start in range(0, self.n, chunk):
+                        rows = range(start, min(start + chunk, self.n))
+                        fh.write(scratch.record(*self._read_files(rows, threads)))
+                os.replace(tmp, scratch.path)
+            finally:
+                tmp.unlink(missing_ok=True)
+        self._scratch = scratch
+        return scratch.path
 
     def preread(self, threads: int = 1, chunk: int = 64) -> None:
         """Read every particle into the cache now (``--preread_images``)."""

@@ -383,6 +383,10 @@ def run(
         cfg, state = load_checkpoint(cfg, device)
     if ps is None:
         ps = load_particle_set(cfg.input_path, memory_budget_bytes=cfg.cache_budget_bytes)
+        if cfg.scratch_dir:
+            distributed.local_leader_first(
+                ranks, lambda: ps.use_scratch(cfg.scratch_dir, threads=cfg.threads)
+            )
         if cfg.preread_images:
             ps.preread(threads=cfg.threads)
     schedule = VdamSchedule.build(cfg, ps.n)

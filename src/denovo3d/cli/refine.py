@@ -49,7 +49,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--j", type=int, default=1, help="CPU threads (1)")
     parser.add_argument("--gpu", nargs="?", const="0", default=None, help="CUDA device ids")
     parser.add_argument("--preread_images", action="store_true", help="read all particles first")
-    parser.add_argument("--scratch_dir", default=None, help="accepted for RELION compatibility")
+    parser.add_argument(
+        "--scratch_dir", default=None, help="copy the transformed particles here once (local disk)"
+    )
     parser.add_argument("--random_seed", type=int, default=0, help="seed (0)")
     parser.add_argument(
         "--continue",
