@@ -11,9 +11,11 @@ Modes:
          median wall time of iterations 2..n, their CPU time (summed over ranks: the machine
          is shared, so wall time depends on the load), the peak RSS of every rank and the
          memory budget
-  all    every sweep, each case in a fresh process (peak RSS is per process): N (2k, 5k, 20k),
-         ranks (1, 2 via torchrun), --max_memory (256M, 1G, 4G), box (24, 32, 48), sampling
-         (HEALPix order 0, 1, 2 = fine 30°, 15°, 7.5°)
+  all    every sweep, each case in a fresh process (peak RSS is per process): N (2k, 5k, 20k;
+         then every particle read once, as the final assignment does, so the cache reaches its
+         steady state), ranks (1, 2 via torchrun), --max_memory (256M, 1G, 4G), --scratch_dir
+         (written, then reused), box (24, 32, 48), sampling (HEALPix order 0, 1, 2 = fine 30°,
+         15°, 7.5°)
 
 Usage:
   nice -n 10 .venv/bin/python benchmarks/bench_scale.py data --data /tmp/scale
@@ -86,6 +88,10 @@ def one(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     ps = load_particle_set(cfg.input_path, memory_budget_bytes=cfg.cache_budget_bytes)
     open_s = time.perf_counter() - start
+    start = time.perf_counter()
+    if args.scratch_dir is not None:
+        distributed.local_leader_first(ranks, lambda: ps.use_scratch(args.scratch_dir))
+    scratch_s = time.perf_counter() - start
     schedule = VdamSchedule.build(cfg, ps.n)
     state = refine.initialise(cfg, ps, device)
     distributed.broadcast_state(state, ranks)
@@ -96,6 +102,11 @@ def one(args: argparse.Namespace) -> None:
         refine.iterate(state, cfg, schedule, ps, device, ranks)
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
+    start = time.perf_counter()
+    if args.fill:  # every particle once, as the final assignment does: the cache's steady state
+        for first in range(0, ps.n, cfg.sub_batch):
+            ps.load(range(first, min(ps.n, first + cfg.sub_batch)))
+    fill_s = time.perf_counter() - start
     peaks = [0.0] * ranks.world_size
     peaks[ranks.rank] = peak_rss_bytes() / 2**30
     peaks = distributed.all_reduce_sums(peaks, ranks)
@@ -109,6 +120,8 @@ def one(args: argparse.Namespace) -> None:
             "ranks": ranks.world_size,
             "max_memory_gib": cfg.memory_budget_bytes / 2**30,
             "open_s": round(open_s, 2),
+            "scratch_s": round(scratch_s, 2) if args.scratch_dir is not None else None,
+            "fill_s": round(fill_s, 2) if args.fill else None,
             "iteration_s": round(statistics.median(times[1:] or times), 3),
             "iterations_s": [round(t, 3) for t in times],
             "cpu_s": round(cpu_s, 3),
@@ -124,7 +137,7 @@ def _run_one(star: Path, ranks: int = 1, **options) -> dict:
         cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
     cmd += [__file__, "one", "--star", str(star)]
     for key, value in opts.items():
-        cmd += [f"--{key}", str(value)]
+        cmd += [f"--{key}"] if value is True else [f"--{key}", str(value)]
     env = {**os.environ, "OMP_NUM_THREADS": str(opts["threads"])}
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -132,11 +145,13 @@ def _run_one(star: Path, ranks: int = 1, **options) -> dict:
 
 def _show(what: str, r: dict) -> None:
     peaks = ", ".join(f"{p:.2f}" for p in r["peak_rss_gib"])
+    scratch = f", scratch copy {r['scratch_s']:.0f} s" if r.get("scratch_s") is not None else ""
+    scratch += f", read all {r['fill_s']:.0f} s" if r.get("fill_s") is not None else ""
     print(
         f"{what:28s} N {r['n']:6d} box {r['box']:3d} order {r['order']} batch {r['batch']} "
         f"ranks {r['ranks']} max_memory {r['max_memory_gib']:.2f} GiB: "
         f"{r['iteration_s']:.2f} s/iteration (CPU {r['cpu_s']:.2f} s, all ranks), "
-        f"peak RSS {peaks} GiB (open {r['open_s']:.1f} s)",
+        f"peak RSS {peaks} GiB (open {r['open_s']:.1f} s{scratch})",
         flush=True,
     )
 
@@ -145,16 +160,18 @@ def all_sweeps(args: argparse.Namespace) -> None:
     big = args.data / "n20k_b24"
     stars = {n: big / f"particles_{n}.star" for n in (2000, 5000)} | {20000: big / "particles.star"}
     for star in stars.values():
-        _show("particles", _run_one(star))
-    for n in (2000, 20000):
-        _show("particles, small budget", _run_one(stars[n], max_memory="256M"))
-    for budget in ("4G",):
-        _show("memory budget", _run_one(stars[20000], max_memory=budget))
+        _show("particles, then read all", _run_one(star, fill=True))
     _show("ranks", _run_one(stars[20000], ranks=2))
+    for n in (2000, 20000):
+        _show("budget 256M, then read all", _run_one(stars[n], max_memory="256M", fill=True))
+    _show("budget 4G, then read all", _run_one(stars[20000], max_memory="4G", fill=True))
+    scratch = args.data / "scratch"
+    for what in ("scratch (writes it)", "scratch (reuses it)"):
+        _show(what, _run_one(stars[20000], scratch_dir=scratch))
     for name in ("n1k_b32", "n1k_b48"):
         _show("box", _run_one(args.data / name / "particles.star"))
     for order in (0, 2):
-        _show("sampling", _run_one(stars[20000], order=order))
+        _show("sampling", _run_one(stars[2000], order=order))
 
 
 def main() -> None:
@@ -168,6 +185,8 @@ def main() -> None:
     parser.add_argument("--max_memory", default="1G")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--diameter", type=float, default=230.0)
+    parser.add_argument("--scratch_dir", type=Path, default=None)
+    parser.add_argument("--fill", action="store_true", help="then read every particle once")
     args = parser.parse_args()
     if args.mode == "data":
         simulate(args.data)

@@ -34,6 +34,12 @@ def test_ranks_from_torchrun_then_slurm_then_single() -> None:
         distributed.from_env({"RANK": "2", "WORLD_SIZE": "2"})
 
 
+def test_processes_per_node_share_the_memory() -> None:
+    assert distributed.local_world_size({"LOCAL_WORLD_SIZE": "4"}) == 4
+    assert distributed.local_world_size({"SLURM_NTASKS_PER_NODE": "8(x2)"}) == 8
+    assert distributed.local_world_size({}) == 1
+
+
 @pytest.mark.parametrize("n", [0, 1, 7, 10])
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_shares_cover_the_batch_once_in_order(n: int, world: int) -> None:

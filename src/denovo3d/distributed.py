@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -45,6 +46,7 @@ __all__ = [
     "from_env",
     "gather_poses",
     "local_leader_first",
+    "local_world_size",
     "setup",
     "share",
 ]
@@ -97,9 +99,13 @@ def from_env(environ: Mapping[str, str] | None = None) -> Ranks:
 
 
 def local_world_size(environ: Mapping[str, str] | None = None) -> int:
-    """Processes on this node (they share its memory)."""
+    """Processes on this node (they share its memory): torchrun's ``LOCAL_WORLD_SIZE``, else
+    SLURM's ``SLURM_NTASKS_PER_NODE`` (``"4"`` or ``"4(x2)"``), else 1."""
     env = os.environ if environ is None else environ
-    return max(1, _env_int(env, "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", default=1))
+    if env.get("LOCAL_WORLD_SIZE", "") != "":
+        return max(1, int(env["LOCAL_WORLD_SIZE"]))
+    match = re.match(r"\d+", env.get("SLURM_NTASKS_PER_NODE", ""))
+    return max(1, int(match.group())) if match else 1
 
 
 def _rank_device(device: torch.device, gpu_ids: str | None, local_rank: int) -> torch.device:
