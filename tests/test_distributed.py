@@ -25,8 +25,10 @@ from tests.refine_synthetic import make_particles, write_project
 def test_ranks_from_torchrun_then_slurm_then_single() -> None:
     torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "SLURM_PROCID": "0"}
     assert distributed.from_env(torchrun) == distributed.Ranks(3, 4, 1)
-    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}
-    assert distributed.from_env(slurm) == distributed.Ranks(5, 8, 1)
+    slurm = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1"}
+    assert distributed.from_env({**slurm, "SLURM_NTASKS": "8"}) == distributed.Ranks(5, 8, 1)
+    batch_script = {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_LOCALID": "0"}
+    assert distributed.from_env(batch_script) == distributed.SINGLE  # not started by srun
     assert distributed.from_env({}) == distributed.SINGLE
     assert distributed.SINGLE.is_writer and not distributed.SINGLE.active
     assert not distributed.Ranks(1, 2).is_writer
@@ -36,7 +38,7 @@ def test_ranks_from_torchrun_then_slurm_then_single() -> None:
 
 def test_processes_per_node_share_the_memory() -> None:
     assert distributed.local_world_size({"LOCAL_WORLD_SIZE": "4"}) == 4
-    assert distributed.local_world_size({"SLURM_NTASKS_PER_NODE": "8(x2)"}) == 8
+    assert distributed.local_world_size({"SLURM_STEP_TASKS_PER_NODE": "8(x2)"}) == 8
     assert distributed.local_world_size({}) == 1
 
 

@@ -3,8 +3,9 @@ mini-batch, the M-step sums are all-reduced, and one rank writes.
 
 Launch (one process per rank; ``torchrun`` or SLURM's ``srun`` set the environment):
 
-- ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (torchrun), else ``SLURM_PROCID``, ``SLURM_NTASKS``,
-  ``SLURM_LOCALID`` (srun); ``MASTER_ADDR`` / ``MASTER_PORT`` for the rendezvous;
+- ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (torchrun), else ``SLURM_PROCID``,
+  ``SLURM_STEP_NUM_TASKS``, ``SLURM_LOCALID`` (srun); ``MASTER_ADDR`` / ``MASTER_PORT`` for
+  the rendezvous;
 - backend ``gloo`` on CPU, ``nccl`` on CUDA (one GPU per rank: ``LOCAL_RANK`` picks the
   ``--gpu`` id, or GPU ``LOCAL_RANK`` of those visible).
 
@@ -87,10 +88,13 @@ def _env_int(environ: Mapping[str, str], *names: str, default: int) -> int:
 
 
 def from_env(environ: Mapping[str, str] | None = None) -> Ranks:
-    """Rank, world size and local rank from torchrun's variables, else SLURM's (one task per
-    rank), else a single process."""
+    """Rank, world size and local rank from torchrun's variables, else those ``srun`` sets for
+    the tasks of a step (``SLURM_STEP_NUM_TASKS``: a batch script itself, which also carries
+    ``SLURM_NTASKS`` and ``SLURM_PROCID``, is one process), else a single process."""
     env = os.environ if environ is None else environ
-    world = _env_int(env, "WORLD_SIZE", "SLURM_NTASKS", default=1)
+    if env.get("WORLD_SIZE", "") == "" and env.get("SLURM_STEP_NUM_TASKS", "") == "":
+        return SINGLE
+    world = _env_int(env, "WORLD_SIZE", "SLURM_STEP_NUM_TASKS", default=1)
     rank = _env_int(env, "RANK", "SLURM_PROCID", default=0)
     local = _env_int(env, "LOCAL_RANK", "SLURM_LOCALID", default=0)
     if not 0 <= rank < world:
@@ -100,11 +104,11 @@ def from_env(environ: Mapping[str, str] | None = None) -> Ranks:
 
 def local_world_size(environ: Mapping[str, str] | None = None) -> int:
     """Processes on this node (they share its memory): torchrun's ``LOCAL_WORLD_SIZE``, else
-    SLURM's ``SLURM_NTASKS_PER_NODE`` (``"4"`` or ``"4(x2)"``), else 1."""
+    srun's ``SLURM_STEP_TASKS_PER_NODE`` (``"4"`` or ``"4(x2)"``), else 1."""
     env = os.environ if environ is None else environ
     if env.get("LOCAL_WORLD_SIZE", "") != "":
         return max(1, int(env["LOCAL_WORLD_SIZE"]))
-    match = re.match(r"\d+", env.get("SLURM_NTASKS_PER_NODE", ""))
+    match = re.match(r"\d+", env.get("SLURM_STEP_TASKS_PER_NODE", ""))
     return max(1, int(match.group())) if match else 1
 
 
