@@ -21,7 +21,7 @@ Usage:
   nice -n 10 .venv/bin/python benchmarks/bench_scale.py data --data /tmp/scale
   nice -n 10 .venv/bin/python benchmarks/bench_scale.py all --data /tmp/scale
   torchrun --standalone --nproc-per-node=2 benchmarks/bench_scale.py one \\
-      --star /tmp/scale/sim20k/particles.star --max_memory 1G
+      --particles /tmp/scale/n20k_b24/particles.star --max_memory 1G
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def one(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     ranks, device = distributed.setup(torch.device("cpu"))
     cfg = RefineConfig(
-        input_path=str(args.star),
+        input_path=str(args.particles),
         output_root="unused/run",
         n_iter=100,
         particle_diameter_a=args.diameter,
@@ -135,7 +135,7 @@ def _run_one(star: Path, ranks: int = 1, **options) -> dict:
     cmd = [sys.executable]
     if ranks > 1:
         cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
-    cmd += [__file__, "one", "--star", str(star)]
+    cmd += [__file__, "one", "--particles", str(star)]
     for key, value in opts.items():
         cmd += [f"--{key}"] if value is True else [f"--{key}", str(value)]
     env = {**os.environ, "OMP_NUM_THREADS": str(opts["threads"])}
@@ -178,7 +178,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["data", "one", "all"])
     parser.add_argument("--data", type=Path, default=Path("/tmp/scale"))
-    parser.add_argument("--star", type=Path)
+    parser.add_argument("--particles", type=Path)
     parser.add_argument("--batch", type=int, default=200)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--order", type=int, default=1)

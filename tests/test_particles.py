@@ -79,6 +79,13 @@ def test_memory_budget_bounds_the_cache(project: dict) -> None:
     for i in range(6):
         ps.load([i])
     assert len(ps._cache) == 3 and ps._cache_bytes <= 3 * per
+    assert list(ps._cache) == [3, 4, 5]  # least recently used evicted
+    fresh = load_particle_set(project["particles"], memory_budget_bytes=0)
+    for rows in ([4, 0, 4], [1, 2, 3, 5], [5, 3], [0, 1, 2, 3, 4, 5]):  # hits, misses, both
+        a, b = ps.load(rows), fresh.load(rows)
+        for name in ("data", "ctf2", "multiplicity"):  # FFTs of other batch sizes: rounding
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-5, atol=1e-4)
+        assert len(ps._cache) == 3 and ps._slab[0].shape[0] == 3
 
 
 def test_inspect_prints_summary(project: dict, capsys: pytest.CaptureFixture[str]) -> None:

@@ -138,9 +138,9 @@ class ParticleSet:
     def __init__(self, tables: ParticleTables, memory_budget_bytes: int = 4 << 30) -> None:
         self.tables = tables
         self.memory_budget_bytes = int(memory_budget_bytes)
-        self._cache: OrderedDict[int, tuple[torch.Tensor, ...]] = OrderedDict()
+        self._cache: OrderedDict[int, int] = OrderedDict()  # row -> slot of the slab, LRU order
+        self._slab: tuple[torch.Tensor, ...] | None = None  # (capacity, s, s, s//2+1) D, C, M
         self._cache_box = tables.box
-        self._cache_bytes = 0
         self._scratch: _ScratchFile | None = None
 
     # ---- description ---------------------------------------------------------------------
@@ -286,16 +286,36 @@ class ParticleSet:
         if box != self._cache_box:
             if box > self._cache_box:
                 self._cache.clear()
-                self._cache_bytes = 0
-            else:
-                for key, tensors in self._cache.items():
-                    self._cache[key] = tuple(fourier_crop(t, box) for t in tensors)
-                self._cache_bytes = len(self._cache) * self._bytes_per_particle(box)
+                self._slab = None
+            elif self._slab is not None:
+                self._slab = tuple(fourier_crop(t, box) for t in self._slab)
             self._cache_box = box
 
     @staticmethod
     def _bytes_per_particle(box: int) -> int:
         return box * box * (box // 2 + 1) * _BYTES_PER_VOXEL
+
+    @property
+    def _cache_bytes(self) -> int:
+        return len(self._cache) * self._bytes_per_particle(self._cache_box)
+
+    def _slot_for(self, row: int, like: tuple[torch.Tensor, ...]) -> int | None:
+        """A slot of the slab for ``row`` (the least recently used one when full), or None
+        when the budget holds no particle. The slab is one tensor per field, allocated once
+        (pages are touched only as slots fill): no fragmentation as particles come and go."""
+        if self._slab is None:
+            capacity = min(
+                self.n, self.memory_budget_bytes // self._bytes_per_particle(like[0].shape[-2])
+            )
+            if capacity < 1:
+                return None
+            self._slab = tuple(torch.empty((capacity, *t.shape[1:]), dtype=t.dtype) for t in like)
+        if len(self._cache) < self._slab[0].shape[0]:
+            slot = len(self._cache)
+        else:
+            _, slot = self._cache.popitem(last=False)
+        self._cache[row] = slot
+        return slot
 
     def load(
         self,
@@ -309,27 +329,35 @@ class ParticleSet:
         box = self._cache_box if box is None else int(box)
         if box > self._cache_box:
             self.set_cache_box(box)
-        missing = [r for r in rows if r not in self._cache]
-        if missing:
-            fresh = self._read_rows(missing, threads)
-            per = self._bytes_per_particle(self._cache_box)
-            for j, r in enumerate(missing):
-                self._cache[r] = tuple(t[j].clone() for t in fresh)
-                self._cache_bytes += per
         for r in rows:
-            self._cache.move_to_end(r)
-        tensors = [torch.stack([self._cache[r][k] for r in rows]) for k in range(3)]
-        self._evict()
+            if r in self._cache:
+                self._cache.move_to_end(r)
+        cached = [j for j, r in enumerate(rows) if r in self._cache]
+        missing = list(dict.fromkeys(r for r in rows if r not in self._cache))
+        fresh = self._read_rows(missing, threads) if missing else ()
+        shape = (self._cache_box, self._cache_box, self._cache_box // 2 + 1)
+        dtypes = (torch.complex64, torch.float32, torch.float32)
+        tensors = [torch.empty((len(rows), *shape), dtype=dt) for dt in dtypes]
+        if cached:
+            slots = torch.tensor([self._cache[rows[j]] for j in cached])
+            for out, slab in zip(tensors, self._slab, strict=True):
+                out[cached] = slab[slots]
+        if missing:
+            where = {r: j for j, r in enumerate(missing)}
+            at = [j for j, r in enumerate(rows) if r in where]
+            src = torch.tensor([where[rows[j]] for j in at])
+            for out, new in zip(tensors, fresh, strict=True):
+                out[at] = new[src]
+            for j, r in enumerate(missing):
+                slot = self._slot_for(r, fresh)
+                if slot is None:
+                    break
+                for slab, new in zip(self._slab, fresh, strict=True):
+                    slab[slot] = new[j]
         if box < self._cache_box:
             tensors = [fourier_crop(t, box) for t in tensors]
         data, ctf2, mult = (t.to(device) for t in tensors)
         return ParticleBatch(torch.tensor(rows, dtype=torch.int64, device=device), data, ctf2, mult)
-
-    def _evict(self) -> None:
-        per = self._bytes_per_particle(self._cache_box)
-        while self._cache and self._cache_bytes > self.memory_budget_bytes:
-            self._cache.popitem(last=False)
-            self._cache_bytes -= per
 
     def use_scratch(self, directory: str | Path, threads: int = 1, chunk: int = 64) -> Path:
         """Read the particles from one file in ``directory`` (``--scratch_dir``), written now
