@@ -141,3 +141,16 @@ def test_significant_mask_keeps_the_weight_fraction() -> None:
     keep = significant_mask(prob, 0.9, 10)
     assert keep.tolist() == [[True, True, True, False], [True, False, False, False]]
     assert significant_mask(prob, 0.999, 2).sum(dim=1).tolist() == [2, 2]
+
+
+def test_fine_pass_groups_particles_whose_orientations_fit_the_budget() -> None:
+    from denovo3d.engine.expectation import _union_groups
+
+    sig = torch.zeros(5, 10, dtype=torch.bool)
+    sig[0, [0, 1]] = True
+    sig[1, [1, 2]] = True  # union with 0: 3
+    sig[2, [5, 6, 7, 8]] = True  # alone over the limit of 3: a group of its own
+    sig[3, [9]] = True
+    sig[4, [9]] = True
+    assert _union_groups(sig, 3) == [(0, 2), (2, 3), (3, 5)]
+    assert _union_groups(sig, 100) == [(0, 5)]

@@ -284,6 +284,19 @@ def _cat(parts: list[Alignment], starts: list[int]) -> Alignment:
     return Alignment(**fields)
 
 
+def _union_groups(coarse_any: torch.Tensor, limit: int) -> list[tuple[int, int]]:
+    """Consecutive groups of particles whose significant coarse orientations ``coarse_any
+    (b, KO_c)`` bool number at most ``limit`` together (one particle alone may pass it): the
+    fine pass projects the children of each group's union at once."""
+    groups, g0, b = [], 0, coarse_any.shape[0]
+    while g0 < b:
+        union = torch.cummax(coarse_any[g0:].to(torch.int32), dim=0).values.sum(dim=1)
+        g1 = g0 + max(1, int((union <= limit).sum()))  # the union only grows
+        groups.append((g0, g1))
+        g0 = g1
+    return groups
+
+
 def align(
     data: torch.Tensor, ctf2: torch.Tensor, refs_full: torch.Tensor, search: Search
 ) -> Alignment:
@@ -291,7 +304,8 @@ def align(
 
     ``data (b, s, s, s//2+1)`` complex and ``ctf2`` (same shape) at the box both VoxelSets index;
     ``refs_full (K, 2, S, S, S)`` the references' full centred transforms (zero beyond the
-    current radius).
+    current radius). Temporaries stay under ``search.budget_bytes``: coarse scores by chunks of
+    particles, fine projections by groups whose union of orientations fits.
     """
     c_grid, f_grid = search.coarse, search.fine
     K = refs_full.shape[0]
@@ -316,18 +330,21 @@ def align(
         prob = torch.softmax(scores.reshape(scores.shape[0], -1), dim=1)
         sig = significant_mask(prob, search.fraction, search.max_significant).reshape(scores.shape)
         del scores, prob
-        parts.append(
-            fine_search(
-                f_grid.voxels.take(d),
-                f_grid.voxels.take(c),
-                refs_full,
-                sig,
-                f_grid,
-                prior_t_fine,
-                prior_ko_fine,
-                search.fraction,
-                search.budget_bytes,
+        bytes_per_coarse = 8 * 8 * len(f_grid.voxels)  # its 8 children, complex64
+        limit = max(1, search.budget_bytes // bytes_per_coarse)
+        for g0, g1 in _union_groups(sig.any(dim=1), limit):
+            parts.append(
+                fine_search(
+                    f_grid.voxels.take(d[g0:g1]),
+                    f_grid.voxels.take(c[g0:g1]),
+                    refs_full,
+                    sig[g0:g1],
+                    f_grid,
+                    prior_t_fine,
+                    prior_ko_fine,
+                    search.fraction,
+                    search.budget_bytes,
+                )
             )
-        )
-        starts.append(s)
+            starts.append(s + g0)
     return _cat(parts, starts)
