@@ -146,11 +146,15 @@ def test_significant_mask_keeps_the_weight_fraction() -> None:
 def test_fine_pass_groups_particles_whose_orientations_fit_the_budget() -> None:
     from denovo3d.engine.expectation import _union_groups
 
-    sig = torch.zeros(5, 10, dtype=torch.bool)
-    sig[0, [0, 1]] = True
-    sig[1, [1, 2]] = True  # union with 0: 3
-    sig[2, [5, 6, 7, 8]] = True  # alone over the limit of 3: a group of its own
-    sig[3, [9]] = True
-    sig[4, [9]] = True
-    assert _union_groups(sig, 3) == [(0, 2), (2, 3), (3, 5)]
-    assert _union_groups(sig, 100) == [(0, 5)]
+    orient = torch.zeros(5, 10, dtype=torch.bool)  # significant coarse orientations
+    orient[0, [0, 1]] = True
+    orient[1, [1, 2]] = True  # union with 0: 3
+    orient[2, [5, 6, 7, 8]] = True  # alone over a limit of 3: a group of its own
+    orient[3, [9]] = True
+    orient[4, [9]] = True
+    sig = orient[:, None, :] & torch.tensor([True, False, False])[None, :, None]  # offset 0
+    assert _union_groups(sig, 10, 0, 30) == [(0, 2), (2, 3), (3, 5)]
+    assert _union_groups(sig, 10, 0, 1000) == [(0, 5)]
+    sig[4, 2] = sig[4, 0]  # particle 4 also at offset 2: offsets {0, 2} cost 2 x 15
+    assert _union_groups(sig, 10, 15, 39) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
+    assert _union_groups(sig, 10, 15, 45) == [(0, 2), (2, 3), (3, 5)]  # 3, 4: 10 + 2 x 15

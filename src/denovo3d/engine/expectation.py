@@ -284,14 +284,20 @@ def _cat(parts: list[Alignment], starts: list[int]) -> Alignment:
     return Alignment(**fields)
 
 
-def _union_groups(coarse_any: torch.Tensor, limit: int) -> list[tuple[int, int]]:
-    """Consecutive groups of particles whose significant coarse orientations ``coarse_any
-    (b, KO_c)`` bool number at most ``limit`` together (one particle alone may pass it): the
-    fine pass projects the children of each group's union at once."""
-    groups, g0, b = [], 0, coarse_any.shape[0]
+def _union_groups(
+    sig: torch.Tensor, bytes_orientation: int, bytes_offset: int, budget_bytes: int
+) -> list[tuple[int, int]]:
+    """Consecutive groups of particles whose significant coarse samples ``sig (b, T_c, KO_c)``
+    bool need at most ``budget_bytes`` together (one particle alone may pass it), at
+    ``bytes_orientation`` per coarse orientation and ``bytes_offset`` per coarse offset of the
+    group's union: the fine pass projects and phase-shifts each group's union at once."""
+    groups, g0, b = [], 0, sig.shape[0]
+    orient, offset = sig.any(dim=1).to(torch.int32), sig.any(dim=2).to(torch.int32)
     while g0 < b:
-        union = torch.cummax(coarse_any[g0:].to(torch.int32), dim=0).values.sum(dim=1)
-        g1 = g0 + max(1, int((union <= limit).sum()))  # the union only grows
+        n_o = torch.cummax(orient[g0:], dim=0).values.sum(dim=1)
+        n_t = torch.cummax(offset[g0:], dim=0).values.sum(dim=1)
+        cost = n_o * bytes_orientation + n_t * bytes_offset  # grows with the group
+        g1 = g0 + max(1, int((cost <= budget_bytes).sum()))
         groups.append((g0, g1))
         g0 = g1
     return groups
@@ -330,9 +336,8 @@ def align(
         prob = torch.softmax(scores.reshape(scores.shape[0], -1), dim=1)
         sig = significant_mask(prob, search.fraction, search.max_significant).reshape(scores.shape)
         del scores, prob
-        bytes_per_coarse = 8 * 8 * len(f_grid.voxels)  # its 8 children, complex64
-        limit = max(1, search.budget_bytes // bytes_per_coarse)
-        for g0, g1 in _union_groups(sig.any(dim=1), limit):
+        per_sample = 8 * 8 * len(f_grid.voxels)  # 8 children, complex64
+        for g0, g1 in _union_groups(sig, per_sample, per_sample, search.budget_bytes):
             parts.append(
                 fine_search(
                     f_grid.voxels.take(d[g0:g1]),
