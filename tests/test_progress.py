@@ -59,7 +59,7 @@ def test_no_bar_when_not_a_terminal(tmp_path: Path) -> None:
 def test_abort_trigger_is_polled_at_each_sub_batch(tmp_path: Path) -> None:
     control = PipelineControl(tmp_path)
     control.start()
-    monitor = JobMonitor(tmp_path / "run.log", quiet=True, check_abort=control.check_abort)
+    monitor = JobMonitor(tmp_path / "run.log", quiet=True, abort_requested=control.abort_requested)
     monitor.plan([10])
     monitor.start_iteration("it 1/1")
     monitor.sub_batch(5, 10)

@@ -48,8 +48,9 @@ class PipelineControl:
     """Marker files and the abort trigger of one job directory.
 
     ``start()`` clears the markers of an earlier try; ``abort_requested()`` is cheap enough to
-    call between sub-batches; ``succeeded()``, ``failed()`` and ``aborted()`` write the marker
-    (and ``aborted`` removes the trigger so that ``--continue`` does not stop at once).
+    call between sub-batches (:class:`denovo3d.progress.JobMonitor` does); ``succeeded()``,
+    ``failed()`` and ``aborted()`` write the marker (``aborted`` also removes the trigger, so
+    that ``--continue`` does not stop at once).
     """
 
     def __init__(self, directory: str | Path) -> None:
@@ -61,11 +62,6 @@ class PipelineControl:
 
     def abort_requested(self) -> bool:
         return (self.directory / ABORT_NOW).exists()
-
-    def check_abort(self) -> None:
-        """Raise :class:`JobAbortedError` when the trigger file is there."""
-        if self.abort_requested():
-            raise JobAbortedError(f"{self.directory / ABORT_NOW} found")
 
     def _mark(self, name: str) -> Path:
         path = self.directory / name

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
+
+from denovo3d.pipeline_control import JobAbortedError
 
 __all__ = ["JobMonitor", "format_duration"]
 
@@ -28,8 +31,8 @@ def format_duration(seconds: float) -> str:
 
 class JobMonitor:
     """Progress of one job: ``log`` lines go to ``run.log`` (always) and to ``stream`` (unless
-    quiet); ``sub_batch`` redraws the bar (terminals only) and polls ``check_abort``;
-    ``iteration`` prints the iteration's summary line with the ETA."""
+    quiet); ``sub_batch`` redraws the bar (terminals only) and, while ``poll_abort``, raises
+    :class:`~denovo3d.pipeline_control.JobAbortedError` when ``abort_requested()`` says so."""
 
     def __init__(
         self,
@@ -37,12 +40,13 @@ class JobMonitor:
         *,
         quiet: bool = False,
         stream: TextIO | None = None,
-        check_abort=None,
+        abort_requested: Callable[[], bool] | None = None,
     ) -> None:
         self.log_path = Path(log_path)
         self.quiet = quiet
         self.stream = sys.stdout if stream is None else stream
-        self.check_abort = check_abort
+        self._abort_requested = abort_requested
+        self.poll_abort = True
         self.is_tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self._bar_shown = False
         self._particles_total = 0
@@ -84,8 +88,8 @@ class JobMonitor:
 
     def sub_batch(self, done: int, total: int) -> None:
         """``done`` of ``total`` particles of the current step are searched."""
-        if self.check_abort is not None:
-            self.check_abort()
+        if self.poll_abort and self.abort_requested():
+            raise JobAbortedError("abort requested (RELION_JOB_ABORT_NOW)")
         if self.quiet or not self.is_tty or self._particles_total <= 0:
             return
         elapsed = time.monotonic() - self._iteration_start
@@ -99,6 +103,9 @@ class JobMonitor:
         self.stream.write(text)
         self.stream.flush()
         self._bar_shown = True
+
+    def abort_requested(self) -> bool:
+        return self._abort_requested is not None and self._abort_requested()
 
     def end_iteration(self, particles: int) -> float:
         """Account the finished step; returns its seconds."""

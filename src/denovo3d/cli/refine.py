@@ -97,7 +97,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--preread_images", action="store_true", help="read all particles first")
     parser.add_argument(
-        "--scratch_dir", default=None, help="accepted; particles are read where they are"
+        "--scratch_dir", default=None, help="copy the transformed particles here once (local disk)"
     )
     parser.add_argument("--random_seed", type=int, default=0, help="seed (0)")
     parser.add_argument(
@@ -123,6 +123,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ctf", action="store_true", help="CTF correction (always on here)")
     parser.add_argument(
         "--pipeline_control", default=None, help="job directory for RELION's exit/abort files"
+    )
+    parser.add_argument(
+        "--max_memory",
+        default=None,
+        help="memory budget per process, e.g. 8G or 512M (default: half the machine's available "
+        "memory, shared by the processes of a node): half caches particles, the rest bounds "
+        "the loaded chunks and the E/M-step temporaries",
     )
     parser.add_argument(
         "--quiet", action="store_true", help="no terminal output (run.log is still written)"
@@ -243,6 +250,7 @@ def build_config(args: argparse.Namespace) -> RefineConfig:
         tomograms_path=args.tomograms,
         trajectories_path=args.trajectories,
         command_line=shlex.join(getattr(args, "command_argv", ["denovo3d", "refine"])),
+        memory_budget_bytes=_max_memory(args.max_memory),
     )
 
 
@@ -256,6 +264,28 @@ def accepted_without_effect(args: argparse.Namespace) -> list[str]:
     return lines
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _max_memory(text: str | None) -> int:
+    """``--max_memory`` in bytes ("8G", "512M", "1.5G", "2000000"); default: half of the
+    available memory over the processes on this node."""
+    if text is None:
+        from denovo3d.distributed import local_world_size
+        from denovo3d.memory import available_bytes
+
+        return max(256 << 20, available_bytes() // 2 // local_world_size())
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = value[-1:] if value[-1:] in _UNITS else ""
+    try:
+        size = float(value[: len(value) - len(unit)]) * _UNITS[unit]
+    except ValueError:
+        size = -1.0
+    if not size >= 64 << 20:
+        raise InputError(None, f"--max_memory {text}: expected a size of at least 64M, e.g. 8G")
+    return int(size)
+
+
 def main(args: argparse.Namespace) -> int:
     return run_job(args)
 
@@ -263,11 +293,18 @@ def main(args: argparse.Namespace) -> int:
 def run_job(args: argparse.Namespace, on_success: Callable | None = None) -> int:
     """The job with RELION's protocol around it; ``on_success(cfg, state)`` runs before
     ``RELION_JOB_EXIT_SUCCESS`` is written (an External job's output nodes)."""
+    from denovo3d.distributed import from_env
     from denovo3d.io.atomic import ensure_writable_dir
     from denovo3d.pipeline_control import JobAbortedError, PipelineControl
     from denovo3d.progress import JobMonitor
     from denovo3d.refine import run
 
+    if not from_env().is_writer:  # rank 0 speaks for the job: run.log, markers, outputs
+        try:
+            run(build_config(args), resume=args.resume is not False)
+        except JobAbortedError:
+            return 3
+        return 0
     control = None
     if args.pipeline_control is not None:
         control = PipelineControl(ensure_writable_dir(args.pipeline_control))
@@ -282,7 +319,9 @@ def run_job(args: argparse.Namespace, on_success: Callable | None = None) -> int
     if control is None:
         control = PipelineControl(job_dir)
         control.start()
-    monitor = JobMonitor(job_dir / "run.log", quiet=args.quiet, check_abort=control.check_abort)
+    monitor = JobMonitor(
+        job_dir / "run.log", quiet=args.quiet, abort_requested=control.abort_requested
+    )
     monitor.log(f"$ {cfg.command_line}")
     ignored = accepted_without_effect(args)
     if ignored:
