@@ -291,35 +291,64 @@ relion = pytest.mark.skipif(
 )
 
 
+def _finished_run(project: Path, star: str, out: str) -> str:
+    argv = ["refine", "--i", star, "--o", out, "--iter", "8", "--particle_diameter", "230"]
+    argv += ["--grad_ini_subset", "12", "--random_seed", "2", "--quiet"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(project)
+        assert cli_main(argv) == 0
+    return out
+
+
 @pytest.fixture(scope="module")
 def classic_run(project: Path) -> str:
     """A finished run on classic subtomograms (RELION 3.1's relion_reconstruct reads them)."""
-    out = "Classic/job001/run"
-    argv = ["refine", "--i", "sim/particles_classic.star", "--o", out, "--iter", "8"]
-    argv += ["--particle_diameter", "230", "--grad_ini_subset", "12", "--random_seed", "2"]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(project)
-        assert cli_main([*argv, "--quiet"]) == 0
-    return out
+    return _finished_run(project, "sim/particles_classic.star", "Classic/job001/run")
+
+
+def _relion_reconstruct_version_4() -> bool:
+    """RELION >= 4's relion_reconstruct reads pseudo-subtomogram weights and takes 3D CTF
+    volumes as CTF² unless told --ctf3d_not_squared (3.1's hold CTF, as ours do)."""
+    done = subprocess.run(["relion_reconstruct"], capture_output=True, text=True, timeout=60)
+    return "--ctf3d_not_squared" in done.stdout + done.stderr
+
+
+def _same_map_as_relion(project: Path, run: str, extra: list[str]) -> tuple[float, float]:
+    command = ["relion_reconstruct", "--i", f"{run}_it008_data.star", "--o", f"{run}_relion.mrc"]
+    done = subprocess.run(
+        [*command, "--ctf", "--3d_rot", *extra], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    ours = torch.from_numpy(mrcfile.read(f"{run}_it008_class001.mrc").astype(np.float32))
+    theirs = torch.from_numpy(mrcfile.read(f"{run}_relion.mrc").astype(np.float32))
+    corr = _masked_correlation(ours, theirs, radius=BOX / 2 - 1, lowpass_shell=BOX // 4)
+    mirrored = _masked_correlation(ours, theirs.flip(0), radius=BOX / 2 - 1, lowpass_shell=BOX // 4)
+    print(f"relion_reconstruct of {run}_it008_data.star vs our map: {corr:.3f} ({mirrored:.3f})")
+    return corr, mirrored
 
 
 @relion
 def test_relion_reconstruct_of_our_data_star_is_our_map(
     project: Path, classic_run: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """relion_reconstruct of run_it008_data.star as written gives our final map in the same
-    frame (no alignment); a mirrored copy does not (the test can tell hands apart)."""
+    """relion_reconstruct of run_it008_data.star as written (classic subtomograms) gives our
+    final map in the same frame (no alignment); a mirrored copy does not (hands differ)."""
     monkeypatch.chdir(project)
-    out = classic_run
-    command = ["relion_reconstruct", "--i", f"{out}_it008_data.star"]
-    command += ["--o", "Classic/relion.mrc", "--ctf", "--3d_rot"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    ours = torch.from_numpy(mrcfile.read(f"{out}_it008_class001.mrc").astype(np.float32))
-    theirs = torch.from_numpy(mrcfile.read("Classic/relion.mrc").astype(np.float32))
-    corr = _masked_correlation(ours, theirs, radius=BOX / 2 - 1, lowpass_shell=BOX // 4)
-    mirrored = _masked_correlation(ours, theirs.flip(0), radius=BOX / 2 - 1, lowpass_shell=BOX // 4)
-    print(f"relion_reconstruct of our poses vs our map: correlation {corr:.3f} ({mirrored:.3f})")
+    extra = ["--ctf3d_not_squared"] if _relion_reconstruct_version_4() else []
+    corr, mirrored = _same_map_as_relion(project, classic_run, extra)
+    assert corr > 0.9 and mirrored < 0.8
+
+
+@relion
+def test_relion_reconstruct_of_our_pseudo_subtomogram_run(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same with pseudo-subtomograms, our main input: RELION >= 4 reads their weights."""
+    if not _relion_reconstruct_version_4():
+        pytest.skip("RELION 3.1's relion_reconstruct reads no pseudo-subtomogram weights")
+    run = _finished_run(project, "sim/particles.star", "Pseudo/job001/run")
+    monkeypatch.chdir(project)
+    corr, mirrored = _same_map_as_relion(project, run, [])
     assert corr > 0.9 and mirrored < 0.8
 
 
