@@ -141,3 +141,20 @@ def test_significant_mask_keeps_the_weight_fraction() -> None:
     keep = significant_mask(prob, 0.9, 10)
     assert keep.tolist() == [[True, True, True, False], [True, False, False, False]]
     assert significant_mask(prob, 0.999, 2).sum(dim=1).tolist() == [2, 2]
+
+
+def test_fine_pass_groups_particles_whose_orientations_fit_the_budget() -> None:
+    from denovo3d.engine.expectation import _union_groups
+
+    orient = torch.zeros(5, 10, dtype=torch.bool)  # significant coarse orientations
+    orient[0, [0, 1]] = True
+    orient[1, [1, 2]] = True  # union with 0: 3
+    orient[2, [5, 6, 7, 8]] = True  # alone over a limit of 3: a group of its own
+    orient[3, [9]] = True
+    orient[4, [9]] = True
+    sig = orient[:, None, :] & torch.tensor([True, False, False])[None, :, None]  # offset 0
+    assert _union_groups(sig, 10, 0, 30) == [(0, 2), (2, 3), (3, 5)]
+    assert _union_groups(sig, 10, 0, 1000) == [(0, 5)]
+    sig[4, 2] = sig[4, 0]  # particle 4 also at offset 2: offsets {0, 2} cost 2 x 15
+    assert _union_groups(sig, 10, 15, 39) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
+    assert _union_groups(sig, 10, 15, 45) == [(0, 2), (2, 3), (3, 5)]  # 3, 4: 10 + 2 x 15

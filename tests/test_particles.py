@@ -79,6 +79,13 @@ def test_memory_budget_bounds_the_cache(project: dict) -> None:
     for i in range(6):
         ps.load([i])
     assert len(ps._cache) == 3 and ps._cache_bytes <= 3 * per
+    assert list(ps._cache) == [3, 4, 5]  # least recently used evicted
+    fresh = load_particle_set(project["particles"], memory_budget_bytes=0)
+    for rows in ([4, 0, 4], [1, 2, 3, 5], [5, 3], [0, 1, 2, 3, 4, 5]):  # hits, misses, both
+        a, b = ps.load(rows), fresh.load(rows)
+        for name in ("data", "ctf2", "multiplicity"):  # FFTs of other batch sizes: rounding
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-5, atol=1e-4)
+        assert len(ps._cache) == 3 and ps._slab[0].shape[0] == 3
 
 
 def test_inspect_prints_summary(project: dict, capsys: pytest.CaptureFixture[str]) -> None:
@@ -122,3 +129,21 @@ def test_classic_subtomograms_become_premultiplied(
     torch.testing.assert_close(batch.data[0].cdouble(), x * ctf_half, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(batch.ctf2[0].double(), ctf_half**2, rtol=1e-5, atol=1e-6)
     assert float(batch.multiplicity.min()) == 1.0
+
+
+def test_scratch_copy_reads_the_same_particles_and_is_written_once(
+    project: dict, tmp_path: Path
+) -> None:
+    direct = load_particle_set(project["particles"])
+    ps = load_particle_set(project["particles"], memory_budget_bytes=0)  # every load reads
+    path = ps.use_scratch(tmp_path / "scratch")
+    assert path.stat().st_size == 6 * 16 * 16 * 9 * 16
+    written = path.stat().st_mtime_ns
+    for rows, box in (([4, 1], 16), ([0, 5, 2], 8)):
+        a, b = direct.load(rows, box), ps.load(rows, box)
+        for name in ("data", "ctf2", "multiplicity"):
+            torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=0, atol=0)
+    again = load_particle_set(project["particles"])
+    assert again.use_scratch(tmp_path / "scratch") == path
+    assert path.stat().st_mtime_ns == written  # found complete: not written again
+    assert list((tmp_path / "scratch").iterdir()) == [path]  # no temporary left

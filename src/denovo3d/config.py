@@ -44,13 +44,26 @@ class RefineConfig:
     gpu: str | None = None  # --gpu
     preread_images: bool = False  # --preread_images
     scratch_dir: str | None = None  # --scratch_dir
-    memory_budget_bytes: int = 1 << 30
-    sub_batch: int = 256  # particles loaded and searched at once
+    tomograms_path: str | None = None  # --tomograms (RELION 5; handed on in the optimisation set)
+    trajectories_path: str | None = None  # --trajectories (likewise)
+    memory_budget_bytes: int = 8 << 30  # --max_memory (per process)
+    sub_batch: int = 256  # particles loaded and searched at once (fewer if over the budget)
     command_line: str = ""
 
     @property
     def maxsig(self) -> int:
         return self.max_significant if self.max_significant > 0 else 100 * self.n_classes
+
+    @property
+    def cache_budget_bytes(self) -> int:
+        """Half of the memory budget holds particles (the LRU cache of ``ParticleSet``)."""
+        return self.memory_budget_bytes // 2
+
+    @property
+    def engine_budget_bytes(self) -> int:
+        """An eighth bounds each large temporary of the E- and M-steps and each loaded chunk of
+        particles (a few of them are alive at once)."""
+        return self.memory_budget_bytes // 8
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -10,11 +10,14 @@ layout), cropped to the box the engine asks for:
   as RELION's ``applySubtomoCorrection`` does.
 
 With that, one likelihood serves both formats (DESIGN §4). Reads are lazy, with a least-recently-
-used cache under a memory budget; ``preread`` loads everything at once.
+used cache under a memory budget; ``preread`` loads everything at once; ``use_scratch`` writes
+the transformed particles once into one file on a (local) scratch disk and reads them from there.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -94,15 +97,51 @@ def _read_ctf_classic(path: Path, box: int, row: int) -> np.ndarray:
     )
 
 
+class _ScratchFile:
+    """Particles as D, C, M half grids at box ``box``, one after the other in one file
+    (complex64 then float32, float32: ``16 s² (s/2+1)`` bytes a particle), read by ``pread``
+    (not mapped, so that pages read do not count as this process's memory)."""
+
+    def __init__(self, path: Path, box: int) -> None:
+        self.path, self.box = path, box
+        self.shape = (box, box, box // 2 + 1)
+        self.voxels = box * box * (box // 2 + 1)
+
+    @property
+    def bytes_per_particle(self) -> int:
+        return 16 * self.voxels
+
+    @staticmethod
+    def record(data: torch.Tensor, ctf2: torch.Tensor, mult: torch.Tensor) -> bytes:
+        b = data.shape[0]
+        parts = (torch.view_as_real(data).reshape(b, -1), ctf2.reshape(b, -1), mult.reshape(b, -1))
+        return torch.cat(parts, dim=1).float().contiguous().numpy().tobytes()
+
+    def read(self, rows: Sequence[int]) -> tuple[torch.Tensor, ...]:
+        per, v = self.bytes_per_particle, self.voxels
+        out = np.empty((len(rows), 4 * v), dtype=np.float32)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for j, row in enumerate(rows):
+                out[j] = np.frombuffer(os.pread(fd, per, row * per), dtype=np.float32)
+        finally:
+            os.close(fd)
+        t = torch.from_numpy(out)
+        data = torch.view_as_complex(t[:, : 2 * v].reshape(-1, v, 2).contiguous())
+        shape = (len(rows), *self.shape)
+        return data.reshape(shape), t[:, 2 * v : 3 * v].reshape(shape), t[:, 3 * v :].reshape(shape)
+
+
 class ParticleSet:
     """A validated particle set whose volumes are read on demand (see the module docstring)."""
 
     def __init__(self, tables: ParticleTables, memory_budget_bytes: int = 4 << 30) -> None:
         self.tables = tables
         self.memory_budget_bytes = int(memory_budget_bytes)
-        self._cache: OrderedDict[int, tuple[torch.Tensor, ...]] = OrderedDict()
+        self._cache: OrderedDict[int, int] = OrderedDict()  # row -> slot of the slab, LRU order
+        self._slab: tuple[torch.Tensor, ...] | None = None  # (capacity, s, s, s//2+1) D, C, M
         self._cache_box = tables.box
-        self._cache_bytes = 0
+        self._scratch: _ScratchFile | None = None
 
     # ---- description ---------------------------------------------------------------------
     @property
@@ -214,6 +253,16 @@ class ParticleSet:
         return data, ctf2, mult
 
     def _read_rows(self, rows: Sequence[int], threads: int) -> tuple[torch.Tensor, ...]:
+        """D, C, M of ``rows`` at the cache box, from the scratch file or the particle files."""
+        if self._scratch is not None:
+            tensors = self._scratch.read(rows)
+        else:
+            tensors = self._read_files(rows, threads)
+        if self._cache_box < self.box:
+            tensors = tuple(fourier_crop(t, self._cache_box) for t in tensors)
+        return tensors
+
+    def _read_files(self, rows: Sequence[int], threads: int) -> tuple[torch.Tensor, ...]:
         if threads > 1 and len(rows) > 1:
             with ThreadPoolExecutor(threads) as pool:
                 items = list(pool.map(self._read_one, rows))
@@ -229,8 +278,6 @@ class ParticleSet:
         data = data.masked_fill(empty, 0).to(torch.complex64)
         weights = weights.masked_fill(empty, 0).float()
         mult = mult.masked_fill(empty, 0).float()
-        if self._cache_box < self.box:
-            data, weights, mult = (fourier_crop(t, self._cache_box) for t in (data, weights, mult))
         return data, weights, mult
 
     def set_cache_box(self, box: int) -> None:
@@ -239,16 +286,36 @@ class ParticleSet:
         if box != self._cache_box:
             if box > self._cache_box:
                 self._cache.clear()
-                self._cache_bytes = 0
-            else:
-                for key, tensors in self._cache.items():
-                    self._cache[key] = tuple(fourier_crop(t, box) for t in tensors)
-                self._cache_bytes = len(self._cache) * self._bytes_per_particle(box)
+                self._slab = None
+            elif self._slab is not None:
+                self._slab = tuple(fourier_crop(t, box) for t in self._slab)
             self._cache_box = box
 
     @staticmethod
     def _bytes_per_particle(box: int) -> int:
         return box * box * (box // 2 + 1) * _BYTES_PER_VOXEL
+
+    @property
+    def _cache_bytes(self) -> int:
+        return len(self._cache) * self._bytes_per_particle(self._cache_box)
+
+    def _slot_for(self, row: int, like: tuple[torch.Tensor, ...]) -> int | None:
+        """A slot of the slab for ``row`` (the least recently used one when full), or None
+        when the budget holds no particle. The slab is one tensor per field, allocated once
+        (pages are touched only as slots fill): no fragmentation as particles come and go."""
+        if self._slab is None:
+            capacity = min(
+                self.n, self.memory_budget_bytes // self._bytes_per_particle(like[0].shape[-2])
+            )
+            if capacity < 1:
+                return None
+            self._slab = tuple(torch.empty((capacity, *t.shape[1:]), dtype=t.dtype) for t in like)
+        if len(self._cache) < self._slab[0].shape[0]:
+            slot = len(self._cache)
+        else:
+            _, slot = self._cache.popitem(last=False)
+        self._cache[row] = slot
+        return slot
 
     def load(
         self,
@@ -262,27 +329,60 @@ class ParticleSet:
         box = self._cache_box if box is None else int(box)
         if box > self._cache_box:
             self.set_cache_box(box)
-        missing = [r for r in rows if r not in self._cache]
-        if missing:
-            fresh = self._read_rows(missing, threads)
-            per = self._bytes_per_particle(self._cache_box)
-            for j, r in enumerate(missing):
-                self._cache[r] = tuple(t[j].clone() for t in fresh)
-                self._cache_bytes += per
         for r in rows:
-            self._cache.move_to_end(r)
-        tensors = [torch.stack([self._cache[r][k] for r in rows]) for k in range(3)]
-        self._evict()
+            if r in self._cache:
+                self._cache.move_to_end(r)
+        cached = [j for j, r in enumerate(rows) if r in self._cache]
+        missing = list(dict.fromkeys(r for r in rows if r not in self._cache))
+        fresh = self._read_rows(missing, threads) if missing else ()
+        shape = (self._cache_box, self._cache_box, self._cache_box // 2 + 1)
+        dtypes = (torch.complex64, torch.float32, torch.float32)
+        tensors = [torch.empty((len(rows), *shape), dtype=dt) for dt in dtypes]
+        if cached:
+            slots = torch.tensor([self._cache[rows[j]] for j in cached])
+            for out, slab in zip(tensors, self._slab, strict=True):
+                out[cached] = slab[slots]
+        if missing:
+            where = {r: j for j, r in enumerate(missing)}
+            at = [j for j, r in enumerate(rows) if r in where]
+            src = torch.tensor([where[rows[j]] for j in at])
+            for out, new in zip(tensors, fresh, strict=True):
+                out[at] = new[src]
+            for j, r in enumerate(missing):
+                slot = self._slot_for(r, fresh)
+                if slot is None:
+                    break
+                for slab, new in zip(self._slab, fresh, strict=True):
+                    slab[slot] = new[j]
         if box < self._cache_box:
             tensors = [fourier_crop(t, box) for t in tensors]
         data, ctf2, mult = (t.to(device) for t in tensors)
         return ParticleBatch(torch.tensor(rows, dtype=torch.int64, device=device), data, ctf2, mult)
 
-    def _evict(self) -> None:
-        per = self._bytes_per_particle(self._cache_box)
-        while self._cache and self._cache_bytes > self.memory_budget_bytes:
-            self._cache.popitem(last=False)
-            self._cache_bytes -= per
+    def use_scratch(self, directory: str | Path, threads: int = 1, chunk: int = 64) -> Path:
+        """Read the particles from one file in ``directory`` (``--scratch_dir``), written now
+        unless a complete one for this particle set is there: the transformed, masked D, C and
+        M, so a read is one ``pread`` (no MRC headers, no FFT). Written chunk by chunk (memory
+        bounded) to a temporary name, then renamed: several processes may race safely."""
+        source = self.path.resolve()
+        stamp = f"{source}|{source.stat().st_mtime_ns}|{self.n}|{self.box}"
+        key = hashlib.sha1(stamp.encode()).hexdigest()[:16]
+        directory = Path(directory)
+        scratch = _ScratchFile(directory / f"denovo3d_{key}_box{self.box}.particles", self.box)
+        expected = scratch.bytes_per_particle * self.n
+        if not (scratch.path.is_file() and scratch.path.stat().st_size == expected):
+            directory.mkdir(parents=True, exist_ok=True)
+            tmp = scratch.path.with_name(f".{scratch.path.name}.{os.getpid()}.tmp")
+            try:
+                with open(tmp, "wb") as fh:
+                    for start in range(0, self.n, chunk):
+                        rows = range(start, min(start + chunk, self.n))
+                        fh.write(scratch.record(*self._read_files(rows, threads)))
+                os.replace(tmp, scratch.path)
+            finally:
+                tmp.unlink(missing_ok=True)
+        self._scratch = scratch
+        return scratch.path
 
     def preread(self, threads: int = 1, chunk: int = 64) -> None:
         """Read every particle into the cache now (``--preread_images``)."""

@@ -5,18 +5,24 @@ writes ``run_itNNN_*`` at iteration 0, every ``write_iter`` and at the end, give
 its best pose after the last mini-batch, and writes ``initial_model.mrc``. Every random choice is
 drawn from a generator seeded by ``(random_seed, iteration)``, so a resumed run repeats an
 uninterrupted one exactly on the same device.
+
+Launched on several ranks (``torchrun``, ``srun``; :mod:`denovo3d.distributed`), every rank
+searches its share of each mini-batch, the M-step sums are all-reduced, every rank makes the
+same update (then rank 0's state is broadcast), and only rank 0 writes.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from denovo3d import distributed
 from denovo3d.config import RefineConfig, VdamSchedule
 from denovo3d.engine.expectation import Alignment, PassGrid, Search, align
 from denovo3d.engine.maximization import Accumulators, accumulate
@@ -54,6 +60,7 @@ from denovo3d.geometry.sampling import (
     perturbation_rotation,
 )
 from denovo3d.io.atomic import ensure_writable_dir
+from denovo3d.pipeline_control import JobAbortedError
 
 __all__ = ["RefineState", "assign_all", "initialise", "iterate", "run"]
 
@@ -187,7 +194,7 @@ def _grids(state: RefineState, cfg: RefineConfig, ps, it: int, device) -> _Itera
         sigma2_offset_px=state.sigma2_offset_px,
         fraction=cfg.adaptive_fraction,
         max_significant=cfg.maxsig,
-        budget_bytes=cfg.memory_budget_bytes,
+        budget_bytes=cfg.engine_budget_bytes,
     )
     return _IterationGrids(search, a_fine, cs)
 
@@ -221,8 +228,27 @@ def _load(ps, rows: np.ndarray, box: int, device, cfg: RefineConfig):
     return batch, aligned
 
 
-def iterate(state: RefineState, cfg: RefineConfig, schedule: VdamSchedule, ps, device) -> None:
-    """One VDAM iteration (mini-batch) in place: E-step, M-step, update, noise and priors."""
+def _sub_batch(cfg: RefineConfig, box: int) -> int:
+    """Particles loaded at once: ``cfg.sub_batch``, fewer if their tensors (D, C, M and the
+    masked copy: 24 bytes a half-grid voxel) would pass the engine's memory budget."""
+    per_particle = 24 * box * box * (box // 2 + 1)
+    return max(1, min(cfg.sub_batch, cfg.engine_budget_bytes // per_particle))
+
+
+def iterate(
+    state: RefineState,
+    cfg: RefineConfig,
+    schedule: VdamSchedule,
+    ps,
+    device,
+    ranks: distributed.Ranks = distributed.SINGLE,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """One VDAM iteration (mini-batch) in place: E-step, M-step, update, noise and priors.
+
+    ``ranks``: this rank searches its share of the mini-batch; sums are all-reduced.
+    ``progress(done, total)`` is called after each sub-batch (progress bar, abort polling); an
+    exception from it leaves ``state`` half-updated, so the caller must drop that state."""
     it = state.iteration + 1
     K, S = cfg.n_classes, ps.box
     step, tau2 = schedule.step_size(it), schedule.tau2(it)
@@ -235,8 +261,9 @@ def iterate(state: RefineState, cfg: RefineConfig, schedule: VdamSchedule, ps, d
     halves = torch.as_tensor(ps.random_subset - 1, device=device)
     fine = grids.search.fine
     pmax, loglik = [], []
-    for start in range(0, n_batch, cfg.sub_batch):
-        rows = rows_all[start : start + cfg.sub_batch]
+    rows_mine, sub_batch = distributed.share(rows_all, ranks), _sub_batch(cfg, grids.box_load)
+    for start in range(0, len(rows_mine), sub_batch):
+        rows = rows_mine[start : start + sub_batch]
         batch, aligned = _load(ps, rows, grids.box_load, device, cfg)
         al = align(aligned, batch.ctf2, refs_full, grids.search)
         half = halves[torch.as_tensor(rows, device=device)]
@@ -250,11 +277,17 @@ def iterate(state: RefineState, cfg: RefineConfig, schedule: VdamSchedule, ps, d
             refs_full,
             fine,
             state.sigma2.to(device),
-            cfg.memory_budget_bytes,
+            cfg.engine_budget_bytes,
         )
         _record(state, rows, al, grids)
         pmax.append(al.max_prob.cpu())
         loglik.append(al.log_evidence.cpu())
+        if progress is not None:
+            progress(start + len(rows), len(rows_mine))
+    distributed.all_reduce_accumulators(acc, ranks)
+    distributed.gather_poses(state.poses, rows_all, ranks)
+    sums = [float(torch.cat(v).double().sum()) if v else 0.0 for v in (pmax, loglik)]
+    pmax_sum, loglik_sum = distributed.all_reduce_sums(sums, ranks)
     step_k = step * (1 - torch.exp(-(3 * K + 10) * state.pdf_class)).to(device)
     new_ft, fsc = vdam_update(
         refs_ft, acc.data, acc.weight, state.moments, step_k, tau2, state.current_size / 2
@@ -269,8 +302,9 @@ def iterate(state: RefineState, cfg: RefineConfig, schedule: VdamSchedule, ps, d
     state.ssnr = ssnr_map(acc.weight[:, 0], centred_rfft(refs), tau2).cpu()
     state.refs, state.fsc, state.iteration = refs, fsc.cpu(), it
     state.current_size = current_size_from_ssnr(state.ssnr, S, cfg.incr_size)
-    state.average_pmax = float(torch.cat(pmax).double().mean())
-    state.log_likelihood = float(torch.cat(loglik).double().sum())
+    state.average_pmax = pmax_sum / n_batch
+    state.log_likelihood = loglik_sum
+    distributed.broadcast_state(state, ranks)
     state.history.append(
         {
             "iteration": it,
@@ -283,14 +317,28 @@ def iterate(state: RefineState, cfg: RefineConfig, schedule: VdamSchedule, ps, d
     )
 
 
-def assign_all(state: RefineState, cfg: RefineConfig, ps, device) -> None:
-    """Best pose of every particle against the final references (no update)."""
+def assign_all(
+    state: RefineState,
+    cfg: RefineConfig,
+    ps,
+    device,
+    ranks: distributed.Ranks = distributed.SINGLE,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Best pose of every particle against the final references (no update); with several
+    ranks each searches its share of every round and the poses are all-gathered."""
     grids = _grids(state, cfg, ps, state.iteration, device)
     refs_full = full_centred(_reference_transforms(state.refs, state.current_size))
-    for start in range(0, ps.n, cfg.sub_batch):
-        rows = np.arange(start, min(ps.n, start + cfg.sub_batch))
-        batch, aligned = _load(ps, rows, grids.box_load, device, cfg)
-        _record(state, rows, align(aligned, batch.ctf2, refs_full, grids.search), grids)
+    step = _sub_batch(cfg, grids.box_load) * ranks.world_size
+    for start in range(0, ps.n, step):
+        rows_round = np.arange(start, min(ps.n, start + step))
+        rows = distributed.share(rows_round, ranks)
+        if len(rows):
+            batch, aligned = _load(ps, rows, grids.box_load, device, cfg)
+            _record(state, rows, align(aligned, batch.ctf2, refs_full, grids.search), grids)
+        distributed.gather_poses(state.poses, rows_round, ranks)
+        if progress is not None:
+            progress(int(rows_round[-1]) + 1, ps.n)
 
 
 def checkpoint_path_for(output_root: str) -> Path:
@@ -323,12 +371,50 @@ def load_checkpoint(cfg: RefineConfig, device) -> tuple[RefineConfig, RefineStat
 
 
 def device_for(cfg: RefineConfig) -> torch.device:
-    if cfg.gpu is None or cfg.gpu == "":
+    """``--gpu`` absent: CPU; ``--gpu ""`` (RELION's "use GPUs, any"): the first CUDA device, or
+    the CPU where there is none; ``--gpu 1,2``: those devices (the first one here)."""
+    if cfg.gpu is None:
         return torch.device("cpu")
+    if cfg.gpu.strip() == "":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
         raise InputError(None, f"--gpu {cfg.gpu} asked for, but no CUDA device is available")
     first = cfg.gpu.split(",")[0].split(":")[0].strip() or "0"
     return torch.device(f"cuda:{int(first)}")
+
+
+def _iteration_line(state: RefineState, cfg: RefineConfig, ps, seconds: float, eta: str) -> str:
+    """``it  12/100  batch  200  res 41.2 Å  classes 0.52 0.48  pmax 0.41  step 0.90  T 4.0``."""
+    h = state.history[-1]
+    resolution = ps.box * ps.pixel_size_a / max(1, state.current_size // 2)
+    classes = " ".join(f"{p:.2f}" for p in state.pdf_class.detach().cpu().tolist())
+    width = len(str(cfg.n_iter))
+    return (
+        f"it {state.iteration:>{width}}/{cfg.n_iter}  batch {h['batch']:>5}  "
+        f"res {resolution:5.1f} Å  classes {classes}  pmax {state.average_pmax:.2f}  "
+        f"step {h['step']:.2f}  T {h['tau2']:.1f}  {seconds:6.1f} s  ETA {eta}"
+    )
+
+
+def _describe(
+    cfg: RefineConfig,
+    ps,
+    schedule: VdamSchedule,
+    device,
+    resume_from: int | None,
+    ranks: distributed.Ranks = distributed.SINGLE,
+) -> str:
+    start = "new run" if resume_from is None else f"continuing after iteration {resume_from}"
+    kind = getattr(ps, "kind", "in memory")
+    return (
+        f"denovo3d refine: {start}; {ps.n} particles ({kind}), box {ps.box}, "
+        f"{ps.pixel_size_a:.3f} Å/px; K {cfg.n_classes}, {cfg.n_iter} mini-batches of "
+        f"{min(schedule.batch_ini, ps.n)} -> {min(schedule.batch_fin, ps.n)}; "
+        f"{angular_step_deg(cfg.healpix_order + 1):g}° fine sampling, "
+        f"offsets {cfg.offset_range_px:g}/{cfg.offset_step_px:g} px; "
+        f"{ranks.world_size} rank(s) on {device}, {cfg.threads} thread(s) each; "
+        f"symmetry {cfg.symmetry}"
+    )
 
 
 def run(
@@ -337,37 +423,77 @@ def run(
     *,
     resume: bool = False,
     stop_after: int | None = None,
-    on_iteration=None,
+    monitor=None,
 ) -> RefineState:
-    """Run (or resume) a whole job; ``stop_after`` ends after that iteration (tests)."""
-    from denovo3d.io.relion_outputs import write_initial_model, write_iteration
+    """Run (or resume) a whole job; ``stop_after`` ends after that iteration (tests).
+
+    ``monitor`` (a :class:`denovo3d.progress.JobMonitor`; rank 0's only) gets the log lines,
+    the progress of every sub-batch (where a single process polls the abort trigger; several
+    ranks poll it together between iterations) and one summary line per iteration."""
+    from denovo3d.io.relion_outputs import (
+        write_initial_model,
+        write_iteration,
+        write_optimisation_set,
+    )
     from denovo3d.particles import load_particle_set
 
     torch.set_num_threads(max(1, cfg.threads))
-    device = device_for(cfg)
+    ranks, device = distributed.setup(device_for(cfg), cfg.gpu)
     ensure_writable_dir(Path(cfg.output_root).parent)  # before any work
+    asked_iter = cfg.n_iter
     if resume:
         cfg, state = load_checkpoint(cfg, device)
     if ps is None:
-        ps = load_particle_set(cfg.input_path)
+        ps = load_particle_set(cfg.input_path, memory_budget_bytes=cfg.cache_budget_bytes)
+        if cfg.scratch_dir:
+            distributed.local_leader_first(
+                ranks, lambda: ps.use_scratch(cfg.scratch_dir, threads=cfg.threads)
+            )
         if cfg.preread_images:
             ps.preread(threads=cfg.threads)
     schedule = VdamSchedule.build(cfg, ps.n)
+    log = monitor.log if monitor is not None else (lambda message: None)
+    log(_describe(cfg, ps, schedule, device, state.iteration if resume else None, ranks))
+    if resume and asked_iter > 0 and asked_iter != cfg.n_iter:
+        log(f"--iter {asked_iter} ignored: the run keeps its schedule of {cfg.n_iter} iterations")
     if not resume:
         state = initialise(cfg, ps, device)
-        write_iteration(cfg, state, ps, schedule)
-        save_checkpoint(state, cfg)
-    while state.iteration < cfg.n_iter:
-        iterate(state, cfg, schedule, ps, device)
-        last = state.iteration == cfg.n_iter
-        if last:
-            assign_all(state, cfg, ps, device)
-        if last or state.iteration % cfg.write_iter == 0:
+        distributed.broadcast_state(state, ranks)
+        if ranks.is_writer:
             write_iteration(cfg, state, ps, schedule)
-        save_checkpoint(state, cfg)
-        if on_iteration is not None:
-            on_iteration(state)
+            save_checkpoint(state, cfg)
+    remaining = range(state.iteration + 1, cfg.n_iter + 1)
+    if monitor is not None:
+        monitor.plan([schedule.batch_size(it) for it in remaining] + [ps.n] * bool(remaining))
+        # with several ranks the abort trigger is polled collectively between iterations
+        monitor.poll_abort = not ranks.active
+    progress = monitor.sub_batch if monitor is not None else None
+    while state.iteration < cfg.n_iter:
+        if ranks.active:
+            asked = monitor is not None and monitor.abort_requested()
+            if distributed.all_reduce_sums([float(asked)], ranks)[0] > 0:
+                raise JobAbortedError("abort requested (RELION_JOB_ABORT_NOW)")
+        if monitor is not None:
+            monitor.start_iteration(f"it {state.iteration + 1}/{cfg.n_iter}")
+        iterate(state, cfg, schedule, ps, device, ranks, progress)
+        last = state.iteration == cfg.n_iter
+        particles = state.history[-1]["batch"]
+        if last:
+            if monitor is not None:
+                monitor.next_step("best pose of every particle", particles)
+            assign_all(state, cfg, ps, device, ranks, progress)
+            particles += ps.n
+        if ranks.is_writer and (last or state.iteration % cfg.write_iter == 0):
+            write_iteration(cfg, state, ps, schedule)
+        if ranks.is_writer:
+            save_checkpoint(state, cfg)
+        if monitor is not None:
+            seconds = monitor.end_iteration(particles)
+            log(_iteration_line(state, cfg, ps, seconds, monitor.eta()))
         if stop_after is not None and state.iteration >= stop_after:
             return state
-    write_initial_model(cfg, state, ps)
+    if ranks.is_writer:
+        path = write_initial_model(cfg, state, ps)
+        optimisation_set = write_optimisation_set(cfg, state, ps, path)
+        log(f"denovo3d refine: wrote {path} and {optimisation_set}")
     return state

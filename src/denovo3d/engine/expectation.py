@@ -284,6 +284,25 @@ def _cat(parts: list[Alignment], starts: list[int]) -> Alignment:
     return Alignment(**fields)
 
 
+def _union_groups(
+    sig: torch.Tensor, bytes_orientation: int, bytes_offset: int, budget_bytes: int
+) -> list[tuple[int, int]]:
+    """Consecutive groups of particles whose significant coarse samples ``sig (b, T_c, KO_c)``
+    bool need at most ``budget_bytes`` together (one particle alone may pass it), at
+    ``bytes_orientation`` per coarse orientation and ``bytes_offset`` per coarse offset of the
+    group's union: the fine pass projects and phase-shifts each group's union at once."""
+    groups, g0, b = [], 0, sig.shape[0]
+    orient, offset = sig.any(dim=1).to(torch.int32), sig.any(dim=2).to(torch.int32)
+    while g0 < b:
+        n_o = torch.cummax(orient[g0:], dim=0).values.sum(dim=1)
+        n_t = torch.cummax(offset[g0:], dim=0).values.sum(dim=1)
+        cost = n_o * bytes_orientation + n_t * bytes_offset  # grows with the group
+        g1 = g0 + max(1, int((cost <= budget_bytes).sum()))
+        groups.append((g0, g1))
+        g0 = g1
+    return groups
+
+
 def align(
     data: torch.Tensor, ctf2: torch.Tensor, refs_full: torch.Tensor, search: Search
 ) -> Alignment:
@@ -291,7 +310,8 @@ def align(
 
     ``data (b, s, s, s//2+1)`` complex and ``ctf2`` (same shape) at the box both VoxelSets index;
     ``refs_full (K, 2, S, S, S)`` the references' full centred transforms (zero beyond the
-    current radius).
+    current radius). Temporaries stay under ``search.budget_bytes``: coarse scores by chunks of
+    particles, fine projections by groups whose union of orientations fits.
     """
     c_grid, f_grid = search.coarse, search.fine
     K = refs_full.shape[0]
@@ -316,18 +336,20 @@ def align(
         prob = torch.softmax(scores.reshape(scores.shape[0], -1), dim=1)
         sig = significant_mask(prob, search.fraction, search.max_significant).reshape(scores.shape)
         del scores, prob
-        parts.append(
-            fine_search(
-                f_grid.voxels.take(d),
-                f_grid.voxels.take(c),
-                refs_full,
-                sig,
-                f_grid,
-                prior_t_fine,
-                prior_ko_fine,
-                search.fraction,
-                search.budget_bytes,
+        per_sample = 8 * 8 * len(f_grid.voxels)  # 8 children, complex64
+        for g0, g1 in _union_groups(sig, per_sample, per_sample, search.budget_bytes):
+            parts.append(
+                fine_search(
+                    f_grid.voxels.take(d[g0:g1]),
+                    f_grid.voxels.take(c[g0:g1]),
+                    refs_full,
+                    sig[g0:g1],
+                    f_grid,
+                    prior_t_fine,
+                    prior_ko_fine,
+                    search.fraction,
+                    search.budget_bytes,
+                )
             )
-        )
-        starts.append(s)
+            starts.append(s + g0)
     return _cat(parts, starts)

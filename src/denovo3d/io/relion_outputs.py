@@ -1,10 +1,12 @@
 """RELION's per-iteration outputs of a VDAM run (relion-vdam-notes §1.9), all written atomically:
 ``run_itNNN_classKKK.mrc``, ``run_itNNN_model.star``, ``run_itNNN_data.star``,
-``run_itNNN_optimiser.star``, ``run_itNNN_sampling.star``; and ``initial_model.mrc`` (with
-``initial_model_symmetry.star`` when a symmetry step ran)."""
+``run_itNNN_optimiser.star``, ``run_itNNN_sampling.star``; ``initial_model.mrc`` (with
+``initial_model_symmetry.star`` when a symmetry step ran) and ``run_optimisation_set.star``
+(RELION 5's hand-on to the next tomography job)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,13 @@ from denovo3d.io.star import write_star
 from denovo3d.io.symmetry_star import symmetry_star_path, write_symmetry_star
 from denovo3d.symmetry_align import AlignParams, align_requested, apply_alignment
 
-__all__ = ["iteration_root", "write_initial_model", "write_iteration"]
+__all__ = [
+    "iteration_root",
+    "optimisation_set_path",
+    "write_initial_model",
+    "write_iteration",
+    "write_optimisation_set",
+]
 
 
 def iteration_root(output_root: str, iteration: int) -> str:
@@ -130,8 +138,21 @@ def _shell_power(refs) -> np.ndarray:
     return torch.as_tensor(power).cpu().numpy()
 
 
+def _paths_from_here(table: pd.DataFrame, project_dir: Path | None) -> pd.DataFrame:
+    """File names resolved against the project the input came from, rewritten relative to the
+    directory the job runs in (RELION's project directory), so the STAR file we write reads from
+    there even when the input was read from elsewhere."""
+    if project_dir is None or Path(project_dir).resolve() == Path.cwd().resolve():
+        return table
+    for label in ("rlnImageName", "rlnCtfImage"):
+        if label in table.columns:
+            table[label] = [_project_relative(Path(project_dir) / n) for n in table[label]]
+    return table
+
+
 def _data_blocks(state, ps) -> dict:
-    table = ps.table.copy()
+    tables = getattr(ps, "tables", None)
+    table = _paths_from_here(ps.table.copy(), getattr(tables, "project_dir", None))
     p = state.poses
     px = ps.pixel_size_a
     table["rlnAngleRot"] = p["rot"]
@@ -240,4 +261,39 @@ def write_initial_model(cfg, state, ps) -> Path:
             result.detection,
         )
     write_mrc(path, volume.numpy(), ps.pixel_size_a)
+    return path
+
+
+def optimisation_set_path(output_root: str) -> Path:
+    return Path(f"{output_root}_optimisation_set.star")
+
+
+def _project_relative(path: str | Path | None) -> str:
+    """A path as RELION writes it: relative to the project (the current) directory when it
+    lies inside it; ``""`` for none."""
+    if path is None or str(path) == "":
+        return '""'
+    path = Path(path)
+    if path.is_absolute() and path.is_relative_to(Path.cwd()):
+        return os.path.relpath(path, Path.cwd())
+    if not path.is_absolute():
+        return os.path.normpath(path)
+    return str(path)
+    return str(path)
+
+
+def write_optimisation_set(cfg, state, ps, initial_model: str | Path) -> Path:
+    """``run_optimisation_set.star``: the particles with their final poses and
+    ``initial_model.mrc`` as the reference, plus the tomograms (and trajectories) the input
+    named, so RELION 5's 3D classification or refinement can start from it unchanged."""
+    tables = getattr(ps, "tables", None)
+    tomograms = cfg.tomograms_path or getattr(tables, "tomograms_path", None)
+    entries = {
+        "rlnTomoParticlesFile": f"{iteration_root(cfg.output_root, state.iteration)}_data.star",
+        "rlnTomoTomogramsFile": _project_relative(tomograms),
+        "rlnTomoTrajectoriesFile": _project_relative(cfg.trajectories_path),
+        "rlnTomoReferenceMap1File": _project_relative(initial_model),
+    }
+    path = optimisation_set_path(cfg.output_root)
+    write_star(path, {"": entries})
     return path
