@@ -133,6 +133,8 @@ def test_unknown_flag_is_an_error_naming_the_closest(
     )
     assert cli_main([*argv, "--offest_step", "2"]) == 2
     assert "did you mean --offset_step?" in capsys.readouterr().err
+    assert cli_main([*argv, "--sym", "C6x"]) == 2  # before any work, not after the run
+    assert "--sym C6x: unknown symmetry group" in capsys.readouterr().err
 
 
 def test_gui_command_line_runs_unchanged(

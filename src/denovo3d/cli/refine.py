@@ -210,6 +210,13 @@ def build_config(args: argparse.Namespace) -> RefineConfig:
         raise InputError(None, f"--iter {args.iter} and --K {args.K} must be at least 1")
     if args.offset_step <= 0 or args.offset_range < 0:
         raise InputError(None, "--offset_step must be > 0 and --offset_range >= 0")
+    if args.sym.strip().lower() != "auto":
+        from denovo3d.geometry.symmetry import UnknownGroupError, point_group
+
+        try:
+            point_group(args.sym)  # a bad name stops now, not after the run
+        except UnknownGroupError as exc:
+            raise InputError(None, f"--sym {args.sym}: {exc}") from None
     if args.oversampling != 1:
         raise InputError(
             None,
