@@ -329,7 +329,7 @@ def run_job(args: argparse.Namespace, on_success: Callable | None = None) -> int
     monitor = JobMonitor(
         job_dir / "run.log", quiet=args.quiet, abort_requested=control.abort_requested
     )
-    monitor.log(f"$ {cfg.command_line}")
+    monitor.log(f"$ {cfg.command_line}", echo=False)  # the user typed it; run.log keeps it
     ignored = accepted_without_effect(args)
     if ignored:
         monitor.log("RELION flags accepted here without effect:\n" + "\n".join(ignored))
