@@ -365,7 +365,15 @@ def load_checkpoint(cfg: RefineConfig, device) -> tuple[RefineConfig, RefineStat
         raise InputError(path, "no checkpoint to continue from")
     payload = torch.load(path, map_location=device, weights_only=False)
     saved = dict(payload["config"])
-    saved.update(threads=cfg.threads, gpu=cfg.gpu, command_line=cfg.command_line)
+    # what belongs to the machine comes from the new command line; the run's maths from the saved
+    saved.update(
+        threads=cfg.threads,
+        gpu=cfg.gpu,
+        command_line=cfg.command_line,
+        memory_budget_bytes=cfg.memory_budget_bytes,
+        scratch_dir=cfg.scratch_dir,
+        preread_images=cfg.preread_images,
+    )
     torch.set_rng_state(payload["torch_rng"])
     return RefineConfig(**saved), payload["state"]
 
