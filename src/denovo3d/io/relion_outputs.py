@@ -279,7 +279,6 @@ def _project_relative(path: str | Path | None) -> str:
     if not path.is_absolute():
         return os.path.normpath(path)
     return str(path)
-    return str(path)
 
 
 def write_optimisation_set(cfg, state, ps, initial_model: str | Path) -> Path:
