@@ -160,8 +160,8 @@ def local_leader_first(ranks: Ranks, work: Callable[[], T]) -> T:
 
 def share(rows: np.ndarray, ranks: Ranks) -> np.ndarray:
     """This rank's contiguous share of ``rows`` (sizes differ by at most one)."""
-    n = len(rows)
-    return rows[ranks.rank * n // ranks.world_size : (ranks.rank + 1) * n // ranks.world_size]
+    lo, hi = _shares(len(rows), ranks)[ranks.rank]
+    return rows[lo:hi]
 
 
 def _shares(n: int, ranks: Ranks) -> list[tuple[int, int]]:
@@ -169,25 +169,28 @@ def _shares(n: int, ranks: Ranks) -> list[tuple[int, int]]:
     return [(r * n // w, (r + 1) * n // w) for r in range(w)]
 
 
-def _all_reduce_(tensor: torch.Tensor, ranks: Ranks) -> None:
-    """Sum ``tensor`` over the ranks in place (moved to the collective device if needed)."""
+def _in_place(
+    tensor: torch.Tensor, ranks: Ranks, collective: Callable[[torch.Tensor], None]
+) -> None:
+    """Run ``collective`` on ``tensor`` in place (complex as real pairs), through a copy on the
+    collective device when the tensor lives elsewhere."""
     flat = torch.view_as_real(tensor) if tensor.is_complex() else tensor
     if flat.device == ranks.device:
-        dist.all_reduce(flat)
+        collective(flat)
         return
     moved = flat.to(ranks.device)
-    dist.all_reduce(moved)
+    collective(moved)
     flat.copy_(moved)
+
+
+def _all_reduce_(tensor: torch.Tensor, ranks: Ranks) -> None:
+    """Sum ``tensor`` over the ranks in place."""
+    _in_place(tensor, ranks, dist.all_reduce)
 
 
 def _broadcast_(tensor: torch.Tensor, ranks: Ranks) -> None:
-    flat = torch.view_as_real(tensor) if tensor.is_complex() else tensor
-    if flat.device == ranks.device:
-        dist.broadcast(flat, src=0)
-        return
-    moved = flat.to(ranks.device)
-    dist.broadcast(moved, src=0)
-    flat.copy_(moved)
+    """Rank 0's ``tensor`` to every rank, in place."""
+    _in_place(tensor, ranks, lambda t: dist.broadcast(t, src=0))
 
 
 def all_reduce_accumulators(acc, ranks: Ranks) -> None:

@@ -48,7 +48,7 @@ class JobMonitor:
         self._abort_requested = abort_requested
         self.poll_abort = True
         self.is_tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self._bar_shown = False
+        self._bar_width = 0  # characters of the bar on screen (0: none)
         self._particles_total = 0
         self._particles_done = 0
         self._seconds = 0.0
@@ -68,12 +68,11 @@ class JobMonitor:
             print(message, file=self.stream, flush=True)
 
     # ---- the whole job -------------------------------------------------------------------
-    def plan(self, particles_per_iteration: list[int], label: str = "") -> None:
+    def plan(self, particles_per_iteration: list[int]) -> None:
         """The particles each remaining step will search (for the ETA)."""
         self._particles_total = int(sum(particles_per_iteration))
         self._particles_done = 0
         self._seconds = 0.0
-        self._label = label
 
     def start_iteration(self, label: str) -> None:
         self._iteration_start = time.monotonic()
@@ -100,9 +99,9 @@ class JobMonitor:
         eta = self._eta(done_all, self._seconds + elapsed)
         bar = "#" * filled + "." * (width - filled)
         text = f"\r[{bar}] {100 * fraction:5.1f}%  {self._label}  {done}/{total}  ETA {eta}"
-        self.stream.write(text)
+        self.stream.write(text + " " * max(0, self._bar_width - len(text)))
         self.stream.flush()
-        self._bar_shown = True
+        self._bar_width = len(text)
 
     def abort_requested(self) -> bool:
         return self._abort_requested is not None and self._abort_requested()
@@ -123,6 +122,6 @@ class JobMonitor:
         return format_duration(seconds / done * max(0, self._particles_total - done))
 
     def _clear_bar(self) -> None:
-        if self._bar_shown:
-            self.stream.write("\r" + " " * 79 + "\r")
-            self._bar_shown = False
+        if self._bar_width:
+            self.stream.write("\r" + " " * self._bar_width + "\r")
+            self._bar_width = 0

@@ -49,6 +49,10 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
 }
 
 
+# the two lists above with the word run.log uses for them
+_ACCEPTED = ((NO_EFFECT_FLAGS, "no effect"), (UNSUPPORTED_FLAGS, "ignored"))
+
+
 def add_args(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--i", dest="particles", help="particles.star (or optimisation_set.star)")
@@ -134,7 +138,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quiet", action="store_true", help="no terminal output (run.log is still written)"
     )
-    for flags, kind in ((NO_EFFECT_FLAGS, "no effect"), (UNSUPPORTED_FLAGS, "ignored")):
+    for flags, kind in _ACCEPTED:
         for flag, meaning in flags.items():
             if flag in _TAKES_VALUE:
                 parser.add_argument(flag, dest=_dest(flag), help=f"accepted, {kind}: {meaning}")
@@ -264,7 +268,7 @@ def build_config(args: argparse.Namespace) -> RefineConfig:
 def accepted_without_effect(args: argparse.Namespace) -> list[str]:
     """One line per RELION flag given that has no effect here (for run.log)."""
     lines = []
-    for flags, kind in ((NO_EFFECT_FLAGS, "no effect"), (UNSUPPORTED_FLAGS, "ignored")):
+    for flags, kind in _ACCEPTED:
         for flag, meaning in flags.items():
             if getattr(args, _dest(flag)) is not None:
                 lines.append(f"  {flag}: {kind}; {meaning}")
