@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from denovo3d import distributed
 from denovo3d.cli import main as cli_main
@@ -139,7 +140,8 @@ def test_two_gloo_ranks_equal_one_process(tmp_path: Path) -> None:
 def test_two_ranks_stop_together_on_the_abort_file(tmp_path: Path) -> None:
     """The GUI's abort button with 2 ranks: polled collectively between iterations, so both
     ranks stop (no rank left waiting in a collective), rank 0 writes RELION_JOB_EXIT_ABORTED and
-    keeps the last finished iteration for --continue."""
+    keeps the last finished iteration; --continue on 2 ranks then ends where one uninterrupted
+    process does."""
     box, px = 24, 11.0
     parts = make_particles(make_phantom("asymmetric", box, px), 16, 2000.0, 1.0, seed=3)
     star = write_project(tmp_path / "project", parts, px)
@@ -162,5 +164,61 @@ def test_two_ranks_stop_together_on_the_abort_file(tmp_path: Path) -> None:
     assert not (tmp_path / "job" / "RELION_JOB_EXIT_SUCCESS").exists()
     assert Path(f"{out}_it000_class001.mrc").is_file()
     assert not Path(f"{out}_it001_class001.mrc").exists()
-    assert cli_main([*_refine_args(star, out), "--continue"]) == 0
+    again = subprocess.run(  # --continue with the same 2 ranks
+        [*launch, "-m", "denovo3d", *_refine_args(star, out), "--continue"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
     assert (tmp_path / "job" / "RELION_JOB_EXIT_SUCCESS").is_file()
+    one = tmp_path / "one" / "run"  # uninterrupted, one process
+    assert cli_main(_refine_args(star, one)) == 0
+    for k in (1, 2):
+        a, _ = read_mrc(f"{one}_it003_class{k:03d}.mrc")
+        b, _ = read_mrc(f"{out}_it003_class{k:03d}.mrc")
+        assert np.abs(a - b).max() <= 1e-4 * float(np.abs(a).max()), k
+
+
+def test_a_bad_particle_on_one_rank_stops_both_with_one_message(tmp_path: Path) -> None:
+    """A particle that only rank 1 reads (NaN voxels: found when read, not from the header)
+    stops both ranks after that mini-batch: rank 0 names the rank, the file and the problem,
+    writes RELION_JOB_EXIT_FAILURE, and no rank dies on a closed connection."""
+    from denovo3d.config import RefineConfig
+    from denovo3d.io.mrc import write_mrc
+    from denovo3d.refine import _generator
+
+    box, px = 24, 11.0
+    parts = make_particles(make_phantom("asymmetric", box, px), 30, 2000.0, 1.0, seed=8)
+    star = write_project(tmp_path / "project", parts, px)
+    cfg = RefineConfig(input_path="", output_root="", random_seed=5, n_classes=2)
+    initial = set(torch.randperm(30, generator=_generator(cfg, 0))[:20].tolist())
+    batch = torch.randperm(30, generator=_generator(cfg, 1))[:15].numpy()
+    rank1 = distributed.share(batch, distributed.Ranks(1, 2))
+    bad = next(int(r) for r in rank1 if int(r) not in initial)  # read by rank 1 only
+    path = tmp_path / "project" / read_star(star)["particles"]["rlnImageName"].iloc[bad]
+    data, voxel = read_mrc(path)
+    data = data.copy()
+    data[3, 3, 3] = np.nan
+    with pytest.warns(RuntimeWarning, match="NaN"):  # mrcfile's own warning on writing it
+        write_mrc(path, data, voxel)
+    out = tmp_path / "job" / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1] / "src"), *sys.path])
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    result = subprocess.run(
+        [*launch, "-m", "denovo3d", *_refine_args(star, out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode != 0
+    expected = f"error: rank 1: {path}: 1 voxel(s) are NaN or Inf"
+    assert result.stderr.count("denovo3d refine: error:") == 1, result.stderr[-3000:]
+    assert expected in result.stderr, result.stderr[-3000:]
+    assert "Connection closed" not in result.stderr
+    assert (tmp_path / "job" / "RELION_JOB_EXIT_FAILURE").is_file()
+    assert expected in (tmp_path / "job" / "run.log").read_text()
+    assert not Path(f"{out}_it001_class001.mrc").exists()

@@ -20,7 +20,11 @@ What a run does with them (:mod:`denovo3d.refine`):
   (e.g. CUDA's atomic scatter-adds);
 - the poses each rank found are all-gathered (:func:`gather_poses`): every rank ends an
   iteration with the same state, and rank 0 (:func:`Ranks.is_writer`) writes the outputs and the
-  checkpoint.
+  checkpoint;
+- work that may fail on one rank only (reading its share of particles, rank 0's writes) runs
+  inside :func:`together`: the ranks then agree whether any of them failed, and all stop with
+  that rank's message, instead of the others meeting a closed connection in the next
+  collective (or waiting there, under a launcher that does not kill them).
 
 With one process (no environment, or ``WORLD_SIZE=1``) every function here is a no-op.
 """
@@ -30,13 +34,16 @@ from __future__ import annotations
 import atexit
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from denovo3d.errors import InputError
 
 __all__ = [
     "SINGLE",
@@ -50,6 +57,7 @@ __all__ = [
     "local_world_size",
     "setup",
     "share",
+    "together",
 ]
 
 
@@ -156,6 +164,38 @@ def local_leader_first(ranks: Ranks, work: Callable[[], T]) -> T:
     result = work() if ranks.local_rank == 0 else None
     dist.barrier()
     return work() if ranks.local_rank != 0 else result
+
+
+@contextmanager
+def together(ranks: Ranks) -> Iterator[None]:
+    """Run a block that may fail on some ranks only; at its end the ranks agree (one small
+    all-reduce) and, if any failed, every rank raises: the failed rank its own exception, the
+    others an :class:`~denovo3d.errors.InputError` (bad input) or a ``RuntimeError`` naming the
+    first failed rank and its message, so rank 0 reports it and writes the failure marker."""
+    if not ranks.active:
+        yield
+        return
+    try:
+        yield
+    except Exception as error:  # re-raised by _agree, once the other ranks know
+        _agree(error, ranks)
+        raise
+    _agree(None, ranks)
+
+
+def _agree(error: Exception | None, ranks: Ranks) -> None:
+    failed = all_reduce_sums([float(error is not None)], ranks)[0]
+    if failed == 0:
+        return
+    mine = None if error is None else (isinstance(error, InputError), str(error))
+    reports: list[tuple[bool, str] | None] = [None] * ranks.world_size
+    dist.all_gather_object(reports, mine)
+    if error is not None:
+        raise error
+    rank, (bad_input, message) = next((r, m) for r, m in enumerate(reports) if m is not None)
+    if bad_input:
+        raise InputError(None, f"rank {rank}: {message}")
+    raise RuntimeError(f"rank {rank} failed: {message}")
 
 
 def share(rows: np.ndarray, ranks: Ranks) -> np.ndarray:

@@ -262,28 +262,29 @@ def iterate(
     fine = grids.search.fine
     pmax, loglik = [], []
     rows_mine, sub_batch = distributed.share(rows_all, ranks), _sub_batch(cfg, grids.box_load)
-    for start in range(0, len(rows_mine), sub_batch):
-        rows = rows_mine[start : start + sub_batch]
-        batch, aligned = _load(ps, rows, grids.box_load, device, cfg)
-        al = align(aligned, batch.ctf2, refs_full, grids.search)
-        half = halves[torch.as_tensor(rows, device=device)]
-        data_f, ctf_f = fine.voxels.take(batch.data), fine.voxels.take(batch.ctf2)
-        accumulate(
-            acc,
-            data_f,
-            ctf_f,
-            half,
-            al,
-            refs_full,
-            fine,
-            state.sigma2.to(device),
-            cfg.engine_budget_bytes,
-        )
-        _record(state, rows, al, grids)
-        pmax.append(al.max_prob.cpu())
-        loglik.append(al.log_evidence.cpu())
-        if progress is not None:
-            progress(start + len(rows), len(rows_mine))
+    with distributed.together(ranks):  # a rank's bad particle stops every rank
+        for start in range(0, len(rows_mine), sub_batch):
+            rows = rows_mine[start : start + sub_batch]
+            batch, aligned = _load(ps, rows, grids.box_load, device, cfg)
+            al = align(aligned, batch.ctf2, refs_full, grids.search)
+            half = halves[torch.as_tensor(rows, device=device)]
+            data_f, ctf_f = fine.voxels.take(batch.data), fine.voxels.take(batch.ctf2)
+            accumulate(
+                acc,
+                data_f,
+                ctf_f,
+                half,
+                al,
+                refs_full,
+                fine,
+                state.sigma2.to(device),
+                cfg.engine_budget_bytes,
+            )
+            _record(state, rows, al, grids)
+            pmax.append(al.max_prob.cpu())
+            loglik.append(al.log_evidence.cpu())
+            if progress is not None:
+                progress(start + len(rows), len(rows_mine))
     distributed.all_reduce_accumulators(acc, ranks)
     distributed.gather_poses(state.poses, rows_all, ranks)
     sums = [float(torch.cat(v).double().sum()) if v else 0.0 for v in (pmax, loglik)]
@@ -333,9 +334,10 @@ def assign_all(
     for start in range(0, ps.n, step):
         rows_round = np.arange(start, min(ps.n, start + step))
         rows = distributed.share(rows_round, ranks)
-        if len(rows):
-            batch, aligned = _load(ps, rows, grids.box_load, device, cfg)
-            _record(state, rows, align(aligned, batch.ctf2, refs_full, grids.search), grids)
+        with distributed.together(ranks):
+            if len(rows):
+                batch, aligned = _load(ps, rows, grids.box_load, device, cfg)
+                _record(state, rows, align(aligned, batch.ctf2, refs_full, grids.search), grids)
         distributed.gather_poses(state.poses, rows_round, ranks)
         if progress is not None:
             progress(int(rows_round[-1]) + 1, ps.n)
@@ -491,10 +493,11 @@ def run(
                 monitor.next_step("best pose of every particle", particles)
             assign_all(state, cfg, ps, device, ranks, progress)
             particles += ps.n
-        if ranks.is_writer and (last or state.iteration % cfg.write_iter == 0):
-            write_iteration(cfg, state, ps, schedule)
-        if ranks.is_writer:
-            save_checkpoint(state, cfg)
+        with distributed.together(ranks):  # rank 0's failed write stops every rank
+            if ranks.is_writer and (last or state.iteration % cfg.write_iter == 0):
+                write_iteration(cfg, state, ps, schedule)
+            if ranks.is_writer:
+                save_checkpoint(state, cfg)
         if monitor is not None:
             seconds = monitor.end_iteration(particles)
             log(_iteration_line(state, cfg, ps, seconds, monitor.eta()))

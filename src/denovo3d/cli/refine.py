@@ -315,6 +315,8 @@ def run_job(args: argparse.Namespace, on_success: Callable | None = None) -> int
             run(build_config(args), resume=args.resume is not False)
         except JobAbortedError:
             return 3
+        except InputError:  # rank 0 prints it, naming this rank where only this one saw it
+            return 2
         return 0
     control = None
     if args.pipeline_control is not None:
