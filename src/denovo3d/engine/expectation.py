@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from denovo3d.engine.projector import gather
+from denovo3d.engine.projector import rotate
 from denovo3d.engine.voxels import VoxelSet
 
 __all__ = [
@@ -73,24 +73,11 @@ class Alignment:
     log_evidence: torch.Tensor
 
 
-def project(
-    refs_full: torch.Tensor, rotations: torch.Tensor, voxels: VoxelSet, chunk: int = 256
-) -> torch.Tensor:
+def project(refs_full: torch.Tensor, rotations: torch.Tensor, voxels: VoxelSet) -> torch.Tensor:
     """Rotated references ``P[k, o, v] = F_k(k_v @ A_o)``: full centred references
     ``(K, 2, S, S, S)`` (:func:`~denovo3d.engine.projector.full_centred`), rotations
-    ``(O, 3, 3)`` -> ``(K, O, V)`` complex (trilinear)."""
-    K = refs_full.shape[0]
-    out = torch.empty(
-        (K, rotations.shape[0], len(voxels)),
-        dtype=torch.complex64 if refs_full.dtype == torch.float32 else torch.complex128,
-        device=refs_full.device,
-    )
-    rot = rotations.to(voxels.coords.dtype)
-    for start in range(0, rot.shape[0], chunk):
-        q = voxels.coords @ rot[start : start + chunk]  # (o, V, 3)
-        for k in range(K):
-            out[k, start : start + chunk] = gather(refs_full[k], q)
-    return out
+    ``(O, 3, 3)`` -> ``(K, O, V)`` complex (trilinear, :func:`~.projector.rotate`)."""
+    return rotate(refs_full, rotations, voxels.coords, min(voxels.radius, voxels.box / 2))
 
 
 def _real(z: torch.Tensor) -> torch.Tensor:
