@@ -74,15 +74,18 @@ def rotate(
     rotations: torch.Tensor,
     coords: torch.Tensor,
     radius: float,
-    chunk_points: int = 1 << 17,
+    chunk_points: int = 1 << 16,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Trilinear samples of full centred volumes ``(K, 2, S, S, S)`` at ``coords @ A_o``:
     rotations ``(O, 3, 3)``, frequencies ``coords (V, 3)`` xyz with ``|k| < radius`` ->
-    ``(K, O, V)`` complex; equals :func:`gather` (zeros outside the volume).
+    ``(K, O, V)`` complex (written into ``out`` if given); equals :func:`gather` (zeros outside
+    the volume).
 
     The corners of a cell are eight 1-D gathers from the flattened cube around the centre
-    (offset views: no index arithmetic per corner), weighted by three ``lerp``; orientations go
-    by chunks of about ``chunk_points`` samples so that the temporaries stay in cache.
+    (offset views: no index arithmetic per corner), weighted by three ``lerp``; orientations (or
+    voxels) go by chunks of about ``chunk_points`` samples so that the temporaries stay in
+    cache.
     """
     K, V = full.shape[0], coords.shape[0]
     r = max(1, math.ceil(radius))
@@ -93,26 +96,35 @@ def rotate(
     # float32 holds the flat index exactly below 2^24
     idx_dtype = coords.dtype if side**3 < 1 << 24 else torch.float64
     strides = torch.tensor([1, side, side * side], dtype=idx_dtype, device=coords.device)
-    # each frequency twice, so that the fractions are lerp weights for (re, im) without a copy
-    coords_t = coords.T.repeat_interleave(2, dim=1)  # (3, 2V)
-    out = torch.empty((K, rotations.shape[0], V), dtype=table.dtype, device=full.device)
-    step = max(1, chunk_points // max(V, 1))
+    # each frequency twice, so that the fractions are lerp weights for (re, im) without a copy;
+    # a row of ones adds the offset r inside the GEMM
+    ones = torch.ones((1, 2 * V), dtype=coords.dtype, device=coords.device)
+    coords_h = torch.cat([coords.T.repeat_interleave(2, dim=1), ones])  # (4, 2V)
+    if out is None:
+        out = torch.empty((K, rotations.shape[0], V), dtype=table.dtype, device=full.device)
+    step = max(1, chunk_points // max(V, 1))  # orientations a chunk
+    span = min(V, chunk_points)  # voxels a chunk (all of them unless one orientation passes)
     for o0 in range(0, rotations.shape[0], step):
         rot = rotations[o0 : o0 + step].to(coords)
         o = rot.shape[0]
-        p = (rot.transpose(1, 2).reshape(3 * o, 3) @ coords_t).view(o, 3, V, 2).add_(r)
-        frac = torch.frac(p)
-        base = (p[..., 0] - frac[..., 0]).clamp_(0, 2 * r - 1)  # p ∈ (0, 2r): guards rounding
-        idx = torch.matmul(strides, base.to(idx_dtype)).reshape(o * V).long()
-        wx, wy, wz = frac.unbind(1)  # (o, V, 2) each
-        for k in range(K):
-            corners = torch.empty((8, o * V), dtype=table.dtype, device=full.device)
-            for c, off in enumerate(offsets):
-                torch.index_select(table[k, off : off + n_base], 0, idx, out=corners[c])
-            g = torch.view_as_real(corners).view(8, o, V, 2)  # corner dz·4 + dy·2 + dx
-            a = torch.lerp(g[0::2], g[1::2], wx)  # along x -> (4, o, V, 2)
-            b = torch.lerp(a[0::2], a[1::2], wy)  # along y -> (2, o, V, 2)
-            torch.lerp(b[0], b[1], wz, out=torch.view_as_real(out[k, o0 : o0 + o]))
+        shift = torch.full((3 * o, 1), float(r), dtype=coords.dtype, device=coords.device)
+        rot_h = torch.cat([rot.transpose(1, 2).reshape(3 * o, 3), shift], dim=1)
+        for v0 in range(0, V, span):
+            n = min(span, V - v0)
+            p = (rot_h @ coords_h[:, 2 * v0 : 2 * (v0 + n)]).view(o, 3, n, 2)
+            frac = torch.frac(p)
+            base = (p[..., 0] - frac[..., 0]).clamp_(0, 2 * r - 1)  # p ∈ (0, 2r): for rounding
+            idx = torch.matmul(strides, base.to(idx_dtype)).reshape(o * n).long()
+            wx, wy, wz = frac.unbind(1)  # (o, n, 2) each
+            for k in range(K):
+                corners = torch.empty((8, o * n), dtype=table.dtype, device=full.device)
+                for c, off in enumerate(offsets):
+                    torch.index_select(table[k, off : off + n_base], 0, idx, out=corners[c])
+                g = torch.view_as_real(corners).view(8, o, n, 2)  # corner dz·4 + dy·2 + dx
+                a = torch.lerp(g[0::2], g[1::2], wx)  # along x -> (4, o, n, 2)
+                b = torch.lerp(a[0::2], a[1::2], wy)  # along y -> (2, o, n, 2)
+                dest = torch.view_as_real(out[k, o0 : o0 + o, v0 : v0 + n])
+                torch.lerp(b[0], b[1], wz, out=dest)
     return out
 
 
