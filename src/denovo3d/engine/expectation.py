@@ -24,6 +24,7 @@ import torch
 
 from denovo3d.engine.projector import rotate
 from denovo3d.engine.voxels import VoxelSet
+from denovo3d.memory import WORKING_SET_BYTES
 
 __all__ = [
     "Alignment",
@@ -35,11 +36,6 @@ __all__ = [
     "project",
     "significant_mask",
 ]
-
-
-# Temporaries of one step of a loop over chunks: small enough to stay in the last-level cache
-# and to be reused by the allocator (larger blocks are mapped and faulted in at each call).
-_WORKING_BYTES = 1 << 25
 
 
 @dataclass(frozen=True)
@@ -231,7 +227,7 @@ def _fine_block(
         par = (o_pos[rows_in[:, None], slots] - u0).clamp_(0, u1 - u0 - 1)
         slots = slots.masked_fill(~slot_ok, n_oc)  # padded slots -> the spare block
         sizes = torch.stack([n_in[rows_in], n_t_all[rows_in]], dim=1).tolist()
-        for g0, g1, m, n_t in _working_groups(sizes, group_cost, _WORKING_BYTES):
+        for g0, g1, m, n_t in _working_groups(sizes, group_cost, WORKING_SET_BYTES):
             rows = rows_in[g0:g1]
             g = rows.numel()
             proj = proj_r.index_select(0, par[g0:g1, :m].reshape(-1)).view(g, 8 * m, 2 * V)
@@ -304,7 +300,7 @@ def _project_children(
     kids = 8 * parents[:, None] + torch.arange(8, device=parents.device)
     class_start = torch.arange(K + 1, device=parents.device) * (n_orient // 8)
     bounds = torch.searchsorted(parents, class_start).tolist()
-    step = max(1, _WORKING_BYTES // (8 * V * proj.element_size()))
+    step = max(1, WORKING_SET_BYTES // (8 * V * proj.element_size()))
     for k in range(K):
         for u0 in range(bounds[k], bounds[k + 1], step):
             u1 = min(u0 + step, bounds[k + 1])
