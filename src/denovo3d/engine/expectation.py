@@ -119,13 +119,12 @@ def coarse_scores(
 
 def significant_mask(prob: torch.Tensor, fraction: float, max_count: int) -> torch.Tensor:
     """``prob (b, N)`` normalised rows -> bool ``(b, N)``: the largest samples whose weights sum
-    to ``fraction`` (the one that crosses it included), at most ``max_count`` per row."""
-    sorted_p, order = prob.sort(dim=1, descending=True)
-    before = sorted_p.cumsum(dim=1) - sorted_p
-    keep_sorted = before < fraction
-    keep_sorted[:, max_count:] = False
+    to ``fraction`` (the one that crosses it included), at most ``max_count`` per row (only the
+    ``max_count`` largest are sorted)."""
+    top_p, order = prob.topk(min(max_count, prob.shape[1]), dim=1)
+    keep_sorted = (top_p.cumsum(dim=1) - top_p) < fraction
     keep_sorted[:, 0] = True
-    return torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+    return torch.zeros_like(prob, dtype=torch.bool).scatter(1, order, keep_sorted)
 
 
 def _padded_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -403,22 +402,25 @@ def align(
     prior_t_fine = search.log_prior_offset(f_grid.offsets_px)
     prior_ko_fine = search.log_prior_ko(len(f_grid.rotations))
     T, KO, V = c_grid.offsets_px.shape[0], proj.shape[0], len(c_grid.voxels)
-    per_particle = 4 * (T * KO * 3 + T * V * 6)
-    chunk = max(1, min(data.shape[0], search.budget_bytes // per_particle))
+    # coarse scores by working-set chunks; the fine pass over as many particles as their coarse
+    # significance (a byte a pose) allows, so that their projections are shared
+    sub = max(1, min(search.budget_bytes, WORKING_SET_BYTES) // (4 * (T * KO * 3 + T * V * 6)))
+    chunk = max(1, search.budget_bytes // (T * KO))
     parts = []
     for s in range(0, data.shape[0], chunk):
         d, c = data[s : s + chunk], ctf2[s : s + chunk]
-        scores = coarse_scores(
-            c_grid.voxels.take(d), c_grid.voxels.take(c), proj, c_grid, log_prior
-        )
-        prob = torch.softmax(scores.reshape(scores.shape[0], -1), dim=1)
-        sig = significant_mask(prob, search.fraction, search.max_significant).reshape(scores.shape)
-        del scores, prob
+        sig = []
+        for i in range(0, d.shape[0], sub):
+            dc, cc = c_grid.voxels.take(d[i : i + sub]), c_grid.voxels.take(c[i : i + sub])
+            scores = coarse_scores(dc, cc, proj, c_grid, log_prior)
+            prob = torch.softmax(scores.reshape(scores.shape[0], -1), dim=1)
+            mask = significant_mask(prob, search.fraction, search.max_significant)
+            sig.append(mask.reshape(scores.shape))
         part = fine_search(
             f_grid.voxels.take(d),
             f_grid.voxels.take(c),
             refs_full,
-            sig,
+            torch.cat(sig),
             f_grid,
             prior_t_fine,
             prior_ko_fine,

@@ -85,7 +85,8 @@ def _cells(
     ones = torch.ones((1, 2 * V), dtype=coords.dtype, device=coords.device)
     coords_h = torch.cat([coords.T.repeat_interleave(2, dim=1), ones])  # (4, 2V)
     step = max(1, chunk_points // max(V, 1))  # orientations a chunk
-    span = min(V, chunk_points)  # voxels a chunk (all of them unless one orientation passes)
+    pieces = -(-V // max(chunk_points, 1))  # one orientation passing the chunk: equal pieces
+    span = -(-V // pieces)
     for o0 in range(0, rotations.shape[0], step):
         rot = rotations[o0 : o0 + step].to(coords)
         o = rot.shape[0]
@@ -110,7 +111,7 @@ def rotate(
     rotations: torch.Tensor,
     coords: torch.Tensor,
     radius: float,
-    chunk_points: int = 1 << 16,
+    chunk_points: int = 1 << 17,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Trilinear samples of full centred volumes ``(K, 2, S, S, S)`` at ``coords @ A_o``:
@@ -150,7 +151,7 @@ def splat(
     coords: torch.Tensor,
     radius: float,
     box: int,
-    chunk_points: int = 1 << 16,
+    chunk_points: int = 1 << 17,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Adjoint of :func:`rotate` for complex ``values`` and real ``weights`` ``(O, V)`` at once,
     folded onto the half grid like :func:`backproject` -> ``(S, S, S//2+1)`` complex and real
