@@ -165,10 +165,11 @@ def fine_search(
     n_t = coarse_sig.any(dim=2).sum(dim=1)
     order = torch.argsort(n_o * n_t)  # similar sizes share a block: little padding
     sizes = torch.stack([n_o[order], n_t[order]], dim=1).tolist()
-    # scores, probabilities, their sorted copy and ranks: about 20 bytes a fine pose
+    # scores (with a spare block), probabilities, their sorted copy, int64 ranks, cumulative
+    # sums and masks: about 32 bytes a fine pose
     limit = budget_bytes // 4
     parts = []
-    for g0, g1, _, _ in _working_groups(sizes, lambda m, n: 20 * 64 * (m + 1) * n, limit):
+    for g0, g1, _, _ in _working_groups(sizes, lambda m, n: 32 * 64 * (m + 1) * n, limit):
         rows = order[g0:g1]
         args = (data[rows], ctf2[rows], refs_full, coarse_sig[rows], grid)
         part = _fine_block(*args, log_prior_offset, log_prior_ko, fraction, budget_bytes)
