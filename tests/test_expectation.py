@@ -10,10 +10,11 @@ from denovo3d.engine.expectation import (
     Search,
     align,
     coarse_scores,
+    fine_search,
     project,
     significant_mask,
 )
-from denovo3d.engine.projector import backproject, full_centred, gather
+from denovo3d.engine.projector import backproject, full_centred, gather, rotate, splat
 from denovo3d.engine.voxels import VoxelSet, hermitian_complete
 from denovo3d.fourier import centred_rfft, phase_shift, rfft_radius, sample_rfft, splat_rfft
 from denovo3d.geometry.euler import random_rotations
@@ -77,6 +78,57 @@ def test_projector_matches_sample_rfft_and_splat_is_its_adjoint() -> None:
     rhs = (f.conj() * splat_rfft(v, q, box)).real.sum()
     torch.testing.assert_close(lhs, rhs)
     torch.testing.assert_close(backproject(v, q, box), hermitian_complete(splat_rfft(v, q, box)))
+
+
+def test_rotate_equals_grid_sample_and_sample_rfft() -> None:
+    """The E-step's projector against the straightforward samplers: even and odd boxes, a
+    radius below the box's, both precisions, chunks that split the orientations."""
+    for box, radius, dtype in (
+        (16, 8.0, torch.float64),
+        (15, 7.5, torch.float64),
+        (20, 6.0, torch.float32),
+    ):
+        half = centred_rfft(_blobs(box, 5)).to(dtype=torch.complex128)
+        half = (half * (rfft_radius(box) < radius)).to(
+            torch.complex64 if dtype == torch.float32 else torch.complex128
+        )
+        full = full_centred(torch.stack([half, 2 * half]))
+        vox = VoxelSet.build(box, radius, dtype=dtype)
+        rot = random_rotations(5, torch.Generator().manual_seed(6)).to(dtype)
+        got = rotate(full, rot, vox.coords, radius, chunk_points=2 * len(vox))
+        split = rotate(full, rot, vox.coords, radius, chunk_points=len(vox) // 3)  # voxels
+        torch.testing.assert_close(split, got)
+        expected = torch.stack([gather(full[k], vox.coords @ rot) for k in range(2)])
+        direct = sample_rfft(half.to(torch.complex128), (vox.coords @ rot).double())
+        scale = float(direct.abs().max())
+        tol = 1e-12 if dtype == torch.float64 else 1e-5  # float32: rounding of the positions
+        torch.testing.assert_close(got, expected, rtol=0, atol=tol * scale)
+        err_rotate = (got[0].to(direct) - direct).abs().max()
+        err_gather = (expected[0].to(direct) - direct).abs().max()
+        assert err_rotate <= max(2 * err_gather, 1e-13 * scale)
+
+
+def test_splat_equals_grid_sample_backprojection() -> None:
+    """The M-step's scatter (complex values and real weights at once) against the adjoint of
+    ``grid_sample``, folded the same way: even and odd boxes, a voxel set smaller than the
+    volume, chunks that split orientations and voxels."""
+    for box, size, dtype in (
+        (16, 12, torch.float64),
+        (15, 15, torch.float64),
+        (20, 20, torch.float32),
+    ):
+        vox = VoxelSet.build(size, size / 2, dtype=dtype)
+        gen = torch.Generator().manual_seed(7)
+        rot = random_rotations(4, gen).to(dtype)
+        cdtype = torch.complex64 if dtype == torch.float32 else torch.complex128
+        values = torch.randn(4, len(vox), dtype=cdtype, generator=gen)
+        weights = torch.rand(4, len(vox), dtype=dtype, generator=gen)
+        radius = min(vox.radius, vox.box / 2)
+        for chunk in (len(vox) // 3, 2 * len(vox)):
+            d, w = splat(values, weights, rot, vox.coords, radius, box, chunk_points=chunk)
+            q = vox.coords @ rot
+            torch.testing.assert_close(d, backproject(values, q, box))
+            torch.testing.assert_close(w, backproject(weights, q, box))
 
 
 def _search(box: int, sigma2: float, budget: int = 1 << 30) -> Search:
@@ -143,18 +195,44 @@ def test_significant_mask_keeps_the_weight_fraction() -> None:
     assert significant_mask(prob, 0.999, 2).sum(dim=1).tolist() == [2, 2]
 
 
-def test_fine_pass_groups_particles_whose_orientations_fit_the_budget() -> None:
-    from denovo3d.engine.expectation import _union_groups
-
-    orient = torch.zeros(5, 10, dtype=torch.bool)  # significant coarse orientations
-    orient[0, [0, 1]] = True
-    orient[1, [1, 2]] = True  # union with 0: 3
-    orient[2, [5, 6, 7, 8]] = True  # alone over a limit of 3: a group of its own
-    orient[3, [9]] = True
-    orient[4, [9]] = True
-    sig = orient[:, None, :] & torch.tensor([True, False, False])[None, :, None]  # offset 0
-    assert _union_groups(sig, 10, 0, 30) == [(0, 2), (2, 3), (3, 5)]
-    assert _union_groups(sig, 10, 0, 1000) == [(0, 5)]
-    sig[4, 2] = sig[4, 0]  # particle 4 also at offset 2: offsets {0, 2} cost 2 x 15
-    assert _union_groups(sig, 10, 15, 39) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
-    assert _union_groups(sig, 10, 15, 45) == [(0, 2), (2, 3), (3, 5)]  # 3, 4: 10 + 2 x 15
+def test_fine_search_equals_the_dense_scores_of_each_particles_children() -> None:
+    """The orientation-major fine pass (chunks of projections, working groups, padded slots,
+    phases as parent × child) against the straightforward formula: every fine pose scored by
+    :func:`coarse_scores`, each particle restricted to the children of its significant coarse
+    orientations and offsets; a tiny budget (many chunks and blocks) changes nothing."""
+    box, radius, K, O_c, b = 12, 5.0, 2, 5, 6
+    gen = torch.Generator().manual_seed(11)
+    refs = torch.stack([_blobs(box, 8), _blobs(box, 9)])
+    refs_full = full_centred(centred_rfft(refs) * (rfft_radius(box) < radius))
+    vox = VoxelSet.build(box, radius, dtype=torch.float64)
+    sigma2 = torch.rand(box // 2 + 1, generator=gen, dtype=torch.float64) + 0.5
+    inv = vox.friedel / sigma2[vox.shell]
+    t_c = torch.tensor([[0.0, 0.0, 0.0], [1.0, -1.0, 0.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
+    grid = PassGrid(random_rotations(8 * O_c, gen), offset_children(t_c, 1.0), vox, inv, box)
+    data = vox.take(torch.randn(b, box, box, box // 2 + 1, dtype=torch.complex128, generator=gen))
+    ctf2 = vox.take(torch.rand(b, box, box, box // 2 + 1, dtype=torch.float64, generator=gen))
+    sig = torch.rand(b, 3, K * O_c, generator=gen) < 0.15
+    sig[torch.arange(b), torch.arange(b) % 3, (3 * torch.arange(b)) % (K * O_c)] = True
+    prior_t = -(grid.offsets_px**2).sum(1) / 4.0
+    prior_ko = torch.randn(K * 8 * O_c, generator=gen, dtype=torch.float64)
+    proj = project(refs_full, grid.rotations, vox).reshape(K * 8 * O_c, -1)
+    dense = coarse_scores(data, ctf2, proj, grid, prior_t[:, None] + prior_ko[None, :])
+    t_ok = sig.any(dim=2).repeat_interleave(8, dim=1)  # (b, T_f)
+    o_ok = sig.any(dim=1).repeat_interleave(8, dim=1)  # (b, KO_f)
+    dense = dense.masked_fill(~(t_ok[:, :, None] & o_ok[:, None, :]), float("-inf"))
+    log_ev = torch.logsumexp(dense.reshape(b, -1), dim=1)
+    prob = torch.exp(dense.reshape(b, -1) - log_ev[:, None])
+    best = prob.argmax(dim=1)
+    n_f = K * 8 * O_c
+    for budget in (1 << 30, 3 * 8 * len(vox) * 16 * 2):
+        al = fine_search(data, ctf2, refs_full, sig, grid, prior_t, prior_ko, 0.999, budget)
+        torch.testing.assert_close(al.log_evidence, log_ev, rtol=1e-10, atol=1e-8)
+        torch.testing.assert_close(al.max_prob, prob.max(dim=1).values, rtol=1e-8, atol=1e-10)
+        assert al.best_ko.tolist() == (best % n_f).tolist()
+        assert al.best_offset.tolist() == (best // n_f).tolist()
+        got = torch.zeros(b, 8 * 3, n_f, dtype=torch.float64)
+        got[al.particle, al.offset, al.ko] = al.weight
+        keep = significant_mask(prob, 0.999, prob.shape[1])
+        expected = torch.where(keep, prob, 0.0)
+        expected = (expected / expected.sum(dim=1, keepdim=True)).reshape(got.shape)
+        torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)

@@ -7,7 +7,12 @@ import os
 import resource
 import sys
 
-__all__ = ["available_bytes", "peak_rss_bytes"]
+__all__ = ["WORKING_SET_BYTES", "available_bytes", "peak_rss_bytes"]
+
+# Temporaries of one step of the engine's loops over chunks: small enough to stay in the
+# last-level cache and to be reused by the allocator (glibc maps larger blocks afresh and faults
+# their pages in at every call: that cost more than the arithmetic).
+WORKING_SET_BYTES = 1 << 25
 
 
 def available_bytes() -> int:

@@ -17,12 +17,14 @@ indices are children of coarse ones: ``fine = 8·coarse + child``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from denovo3d.engine.projector import gather
+from denovo3d.engine.projector import rotate
 from denovo3d.engine.voxels import VoxelSet
+from denovo3d.memory import WORKING_SET_BYTES
 
 __all__ = [
     "Alignment",
@@ -49,8 +51,11 @@ class PassGrid:
 
     def phases(self, index: torch.Tensor | None = None) -> torch.Tensor:
         """``(T, V)`` complex ``exp(+2πi k·t/box_px)`` (only offsets ``index`` if given)."""
-        offsets = self.offsets_px if index is None else self.offsets_px[index]
-        return self.voxels.phases(offsets, self.box_px)
+        return self.phases_at(self.offsets_px if index is None else self.offsets_px[index])
+
+    def phases_at(self, offsets_px: torch.Tensor) -> torch.Tensor:
+        """``(T, V)`` complex ``exp(+2πi k·t/box_px)`` for any offsets ``(T, 3)`` px."""
+        return self.voxels.phases(offsets_px, self.box_px)
 
 
 @dataclass(frozen=True)
@@ -74,23 +79,17 @@ class Alignment:
 
 
 def project(
-    refs_full: torch.Tensor, rotations: torch.Tensor, voxels: VoxelSet, chunk: int = 256
+    refs_full: torch.Tensor,
+    rotations: torch.Tensor,
+    voxels: VoxelSet,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rotated references ``P[k, o, v] = F_k(k_v @ A_o)``: full centred references
     ``(K, 2, S, S, S)`` (:func:`~denovo3d.engine.projector.full_centred`), rotations
-    ``(O, 3, 3)`` -> ``(K, O, V)`` complex (trilinear)."""
-    K = refs_full.shape[0]
-    out = torch.empty(
-        (K, rotations.shape[0], len(voxels)),
-        dtype=torch.complex64 if refs_full.dtype == torch.float32 else torch.complex128,
-        device=refs_full.device,
-    )
-    rot = rotations.to(voxels.coords.dtype)
-    for start in range(0, rot.shape[0], chunk):
-        q = voxels.coords @ rot[start : start + chunk]  # (o, V, 3)
-        for k in range(K):
-            out[k, start : start + chunk] = gather(refs_full[k], q)
-    return out
+    ``(O, 3, 3)`` -> ``(K, O, V)`` complex (trilinear, :func:`~.projector.rotate`; into ``out``
+    if given)."""
+    radius = min(voxels.radius, voxels.box / 2)
+    return rotate(refs_full, rotations, voxels.coords, radius, out=out)
 
 
 def _real(z: torch.Tensor) -> torch.Tensor:
@@ -120,13 +119,12 @@ def coarse_scores(
 
 def significant_mask(prob: torch.Tensor, fraction: float, max_count: int) -> torch.Tensor:
     """``prob (b, N)`` normalised rows -> bool ``(b, N)``: the largest samples whose weights sum
-    to ``fraction`` (the one that crosses it included), at most ``max_count`` per row."""
-    sorted_p, order = prob.sort(dim=1, descending=True)
-    before = sorted_p.cumsum(dim=1) - sorted_p
-    keep_sorted = before < fraction
-    keep_sorted[:, max_count:] = False
+    to ``fraction`` (the one that crosses it included), at most ``max_count`` per row (only the
+    ``max_count`` largest are sorted)."""
+    top_p, order = prob.topk(min(max_count, prob.shape[1]), dim=1)
+    keep_sorted = (top_p.cumsum(dim=1) - top_p) < fraction
     keep_sorted[:, 0] = True
-    return torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+    return torch.zeros_like(prob, dtype=torch.bool).scatter(1, order, keep_sorted)
 
 
 def _padded_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,14 +132,6 @@ def _padded_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n_max = int(mask.sum(dim=1).max())
     order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :n_max]
     return order, mask.gather(1, order)
-
-
-def _children(parents: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(b, n)`` parents -> ``(b, 8n)`` children ``8p + c`` and their validity."""
-    kids = (8 * parents[:, :, None] + torch.arange(8, device=parents.device)).reshape(
-        parents.shape[0], -1
-    )
-    return kids, valid.repeat_interleave(8, dim=1)
 
 
 def fine_search(
@@ -155,64 +145,179 @@ def fine_search(
     fraction: float,
     budget_bytes: int,
 ) -> Alignment:
-    """Pass 2 around the significant coarse samples ``coarse_sig (b, T_c, KO_c)`` bool.
+    """Pass 2 around the significant coarse samples ``coarse_sig (b, T_c, KO_c)`` bool: every
+    child of a particle's significant coarse orientations × every child of its significant
+    coarse offsets.
 
     ``data, ctf2 (b, V)`` on ``grid.voxels`` (fine); ``grid.rotations (O_f, 3, 3)`` fine grid of
-    one class (children order); ``log_prior_offset (T_f,)``; ``log_prior_ko (KO_f,)``.
+    one class (children order); ``grid.offsets_px (8·T_c, 3)`` children of the coarse offsets;
+    ``log_prior_offset (T_f,)``; ``log_prior_ko (KO_f,)``. Particle indices of the result are
+    rows of ``data``.
+
+    Orientation-major: the union of all particles' orientations is projected once, by chunks
+    of parents under the budget (with the powers ``|P|²``); for each chunk, the particles with
+    orientations in it score them by batched GEMMs into one padded score array ``(b, n_t, n_o)``.
+    A particle's rows are its coarse offsets' shifted data times the eight children's phases
+    (the phase of ``t_c + δ`` is ``e(t_c)·e(δ)``: no table over all fine offsets). Particles
+    whose score arrays together pass a quarter of the budget go in several blocks.
     """
-    b = data.shape[0]
-    n_orient = grid.rotations.shape[0]
-    o_idx, o_ok = _children(*_padded_rows(coarse_sig.any(dim=1)))  # (b, n_o)
-    t_idx, t_ok = _children(*_padded_rows(coarse_sig.any(dim=2)))  # (b, n_t)
-    union = torch.unique(o_idx[o_ok])
-    proj_u = torch.empty((union.numel(), len(grid.voxels)), dtype=data.dtype, device=data.device)
-    for k in range(refs_full.shape[0]):
-        sel = torch.nonzero(union // n_orient == k).squeeze(1)
-        if sel.numel():
-            rot = grid.rotations[union[sel] % n_orient]
-            proj_u[sel] = project(refs_full[k : k + 1], rot, grid.voxels)[0]
-    pos = torch.searchsorted(union, o_idx.clamp(max=int(union.max())))
-    t_union = torch.unique(t_idx[t_ok])
-    phases = grid.phases(t_union)  # (T_used, V): only the offsets some particle needs
-    t_pos = torch.searchsorted(t_union, t_idx.clamp(max=int(t_union.max())))
-    n_o_all, n_t_all = o_ok.sum(dim=1), t_ok.sum(dim=1)
-    order = torch.argsort(n_o_all * n_t_all)  # similar sizes share a group: little padding
-    V = len(grid.voxels)
-    parts, g0 = [], 0
-    while g0 < b:
-        rows = order[g0 : g0 + 64]
-        n_o, n_t = int(n_o_all[rows].max()), int(n_t_all[rows].max())
-        per_particle = 8 * V * (3 * n_o + 2 * n_t) + 16 * n_o * n_t
-        rows = rows[: max(1, budget_bytes // per_particle)]
-        n_o, n_t = int(n_o_all[rows].max()), int(n_t_all[rows].max())
-        proj = proj_u[pos[rows, :n_o]]  # (g, n_o, V)
-        y = (data[rows] * grid.inv_sigma2)[:, None, :] * phases[t_pos[rows, :n_t]]
-        cross = torch.bmm(_real(y), _real(proj).transpose(1, 2))  # (g, n_t, n_o)
-        power = (proj.real**2 + proj.imag**2).transpose(1, 2)
-        norm = torch.bmm((0.5 * ctf2[rows] * grid.inv_sigma2)[:, None, :], power)
-        scores = (
-            cross
-            - norm
-            + log_prior_offset[t_idx[rows, :n_t]][:, :, None]
-            + log_prior_ko[o_idx[rows, :n_o]][:, None, :]
-        )
-        valid = t_ok[rows, :n_t, None] & o_ok[rows, None, :n_o]
-        scores = scores.masked_fill(~valid, float("-inf"))
-        parts.append(
-            (_posteriors(scores, rows, o_idx[rows, :n_o], t_idx[rows, :n_t], fraction), rows)
-        )
-        g0 += rows.numel()
-    return _merge(parts, b)
+    n_o = coarse_sig.any(dim=1).sum(dim=1)
+    n_t = coarse_sig.any(dim=2).sum(dim=1)
+    order = torch.argsort(n_o * n_t)  # similar sizes share a block: little padding
+    sizes = torch.stack([n_o[order], n_t[order]], dim=1).tolist()
+    # scores (with a spare block), probabilities, their sorted copy, int64 ranks, cumulative
+    # sums and masks: about 32 bytes a fine pose
+    limit = budget_bytes // 4
+    parts = []
+    for g0, g1, _, _ in _working_groups(sizes, lambda m, n: 32 * 64 * (m + 1) * n, limit):
+        rows = order[g0:g1]
+        args = (data[rows], ctf2[rows], refs_full, coarse_sig[rows], grid)
+        part = _fine_block(*args, log_prior_offset, log_prior_ko, fraction, budget_bytes)
+        parts.append((part, rows))
+    return _merge(parts, data.shape[0])
+
+
+def _fine_block(
+    data: torch.Tensor,
+    ctf2: torch.Tensor,
+    refs_full: torch.Tensor,
+    coarse_sig: torch.Tensor,
+    grid: PassGrid,
+    log_prior_offset: torch.Tensor,
+    log_prior_ko: torch.Tensor,
+    fraction: float,
+    budget_bytes: int,
+) -> Alignment:
+    """:func:`fine_search` for particles whose score arrays fit together."""
+    b, V = data.shape[0], len(grid.voxels)
+    o_par, o_ok = _padded_rows(coarse_sig.any(dim=1))  # (b, n_oc) coarse ko
+    t_par, t_ok = _padded_rows(coarse_sig.any(dim=2))  # (b, n_tc) coarse offsets
+    union = torch.unique(o_par[o_ok])  # coarse ko, sorted
+    n_union, n_oc, n_tc = union.numel(), o_par.shape[1], t_par.shape[1]
+    o_pos = torch.searchsorted(union, o_par.contiguous()).masked_fill_(~o_ok, n_union)
+    t_union = torch.unique(t_par[t_ok])
+    t_fine = grid.offsets_px.reshape(-1, 8, 3)
+    t_coarse = t_fine.mean(dim=1)  # the parents: children are t_c ± step/4 per axis
+    rows_data = _ShiftedRows(
+        data * grid.inv_sigma2,
+        grid.phases_at(t_coarse[t_union]),  # (T_used, V)
+        grid.phases_at(t_fine[0] - t_coarse[0]),  # (8, V)
+        torch.searchsorted(t_union, t_par.contiguous()).clamp_(max=t_union.numel() - 1),
+    )
+    half_c = 0.5 * ctf2 * grid.inv_sigma2
+    # one spare block of 8 columns takes the padded slots' scores
+    scores = data.real.new_full((b, 8 * n_tc, 8 * n_oc + 8), float("-inf"))
+    itemsize = data.real.element_size()
+    step = max(1, (budget_bytes // 2) // (8 * V * 3 * itemsize))
+    eight = torch.arange(8, device=data.device)
+
+    def group_cost(m: int, n: int) -> int:  # gathered P and |P|², the rows and their parents
+        return V * itemsize * (24 * m + 18 * n)
+
+    for u0 in range(0, n_union, step):
+        u1 = min(n_union, u0 + step)
+        proj_c, power_c = _project_children(refs_full, union[u0:u1], grid)
+        proj_r = torch.view_as_real(proj_c).view(u1 - u0, 16 * V)
+        power_r = power_c.view(u1 - u0, 8 * V)
+        inside = (o_pos >= u0) & (o_pos < u1)  # (b, n_oc)
+        n_in, n_t_all = inside.sum(dim=1), t_ok.sum(dim=1)
+        rows_in = torch.nonzero(n_in).squeeze(1)
+        rows_in = rows_in[torch.argsort(n_in[rows_in] * n_t_all[rows_in])]  # little padding
+        slots, slot_ok = _padded_rows(inside[rows_in])  # (g_c, m): the particle's slots here
+        par = (o_pos[rows_in[:, None], slots] - u0).clamp_(0, u1 - u0 - 1)
+        slots = slots.masked_fill(~slot_ok, n_oc)  # padded slots -> the spare block
+        sizes = torch.stack([n_in[rows_in], n_t_all[rows_in]], dim=1).tolist()
+        for g0, g1, m, n_t in _working_groups(sizes, group_cost, WORKING_SET_BYTES):
+            rows = rows_in[g0:g1]
+            g = rows.numel()
+            proj = proj_r.index_select(0, par[g0:g1, :m].reshape(-1)).view(g, 8 * m, 2 * V)
+            power = power_r.index_select(0, par[g0:g1, :m].reshape(-1)).view(g, 8 * m, V)
+            y = rows_data.rows(rows, n_t)  # (g, 8·n_t, 2V)
+            cross = torch.bmm(y, proj.transpose(1, 2))  # (g, 8·n_t, 8·m)
+            norm = torch.bmm(half_c[rows, None, :], power.transpose(1, 2))  # (g, 1, 8·m)
+            cols = (8 * slots[g0:g1, :m, None] + eight).reshape(g, 1, 8 * m)
+            t_rows = torch.arange(8 * n_t, device=data.device)[None, :, None]
+            scores[rows[:, None, None], t_rows, cols] = cross - norm
+    o_idx = (8 * o_par[:, :, None] + eight).reshape(b, -1)
+    t_idx = (8 * t_par[:, :, None] + eight).reshape(b, -1)
+    scores = scores[:, :, : 8 * n_oc] + log_prior_offset[t_idx][:, :, None]
+    scores += log_prior_ko[o_idx][:, None, :]
+    valid = t_ok.repeat_interleave(8, dim=1)[:, :, None] & o_ok.repeat_interleave(8, dim=1)[:, None]
+    return _posteriors(scores.masked_fill_(~valid, float("-inf")), o_idx, t_idx, fraction)
+
+
+@dataclass(frozen=True)
+class _ShiftedRows:
+    """The fine pass's data rows: ``weighted (b, V)`` = D/σ², phases of the coarse offsets in
+    use ``(T_used, V)``, of the eight children's steps ``(8, V)``, and each particle's coarse
+    offsets as rows of the first table ``(b, n_tc)``."""
+
+    weighted: torch.Tensor
+    parent_phases: torch.Tensor
+    child_phases: torch.Tensor
+    parent_pos: torch.Tensor
+
+    def rows(self, rows: torch.Tensor, n_tc: int) -> torch.Tensor:
+        """``(g, 8·n_tc, 2V)`` real: D·e(t_c)·e(δ) for the first ``n_tc`` coarse offsets of the
+        particles ``rows``, children innermost (row ``8j + c``)."""
+        g, V = rows.numel(), self.weighted.shape[1]
+        pos = self.parent_pos[rows, :n_tc].reshape(-1)
+        shifted = self.parent_phases.index_select(0, pos).view(g, n_tc, V)
+        shifted *= self.weighted[rows, None, :]
+        y = shifted[:, :, None, :] * self.child_phases
+        return torch.view_as_real(y).view(g, 8 * n_tc, 2 * V)
+
+
+def _working_groups(
+    sizes: list[list[int]], cost: Callable[[int, int], int], limit: int
+) -> list[tuple[int, int, int, int]]:
+    """Consecutive groups ``(g0, g1, m, n)`` of particles with ``sizes[i] = (coarse
+    orientations, coarse offsets)``: ``m, n`` the group's maxima (the padding), the group's
+    bytes (``cost(m, n)`` per particle) under ``limit`` (one particle alone may pass it)."""
+    groups, g0, n_p = [], 0, len(sizes)
+    while g0 < n_p:
+        g1, m, n = g0, 0, 0
+        while g1 < n_p:
+            a, c = max(m, sizes[g1][0]), max(n, sizes[g1][1])
+            if g1 > g0 and (g1 + 1 - g0) * cost(a, c) > limit:
+                break
+            g1, m, n = g1 + 1, a, c
+        groups.append((g0, g1, m, n))
+        g0 = g1
+    return groups
+
+
+def _project_children(
+    refs_full: torch.Tensor, parents: torch.Tensor, grid: PassGrid
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projections ``(U, 8, V)`` complex of the eight fine children ``8p + c`` of each coarse
+    ``ko`` in ``parents (U,)`` sorted (the children of a parent share its class), and their
+    powers ``|P|²`` (real), each computed while its chunk is in cache."""
+    n_orient, V, K = grid.rotations.shape[0], len(grid.voxels), refs_full.shape[0]
+    dtype = torch.complex64 if refs_full.dtype == torch.float32 else torch.complex128
+    proj = torch.empty((parents.numel(), 8, V), dtype=dtype, device=refs_full.device)
+    power = torch.empty(proj.shape, dtype=refs_full.dtype, device=refs_full.device)
+    kids = 8 * parents[:, None] + torch.arange(8, device=parents.device)
+    class_start = torch.arange(K + 1, device=parents.device) * (n_orient // 8)
+    bounds = torch.searchsorted(parents, class_start).tolist()
+    step = max(1, WORKING_SET_BYTES // (8 * V * proj.element_size()))
+    for k in range(K):
+        for u0 in range(bounds[k], bounds[k + 1], step):
+            u1 = min(u0 + step, bounds[k + 1])
+            rot = grid.rotations[kids[u0:u1].reshape(-1) % n_orient]
+            project(refs_full[k : k + 1], rot, grid.voxels, out=proj[u0:u1].view(1, -1, V))
+            power[u0:u1] = proj[u0:u1].real ** 2 + proj[u0:u1].imag ** 2
+    return proj, power
 
 
 def _posteriors(
     scores: torch.Tensor,
-    rows: torch.Tensor,
     o_idx: torch.Tensor,
     t_idx: torch.Tensor,
     fraction: float,
 ) -> Alignment:
-    """Softmax of ``scores (g, n_t, n_o)`` per particle, the kept samples and the best one."""
+    """Softmax of ``scores (g, n_t, n_o)`` per particle, the kept samples and the best one
+    (particle indices ``0..g-1``)."""
     g, _, n_o = scores.shape
     flat_scores = scores.reshape(g, -1)
     log_evidence = torch.logsumexp(flat_scores, dim=1)
@@ -224,7 +329,7 @@ def _posteriors(
     best = prob.argmax(dim=1)
     ar = torch.arange(g, device=scores.device)
     return Alignment(
-        particle=rows[local],
+        particle=local,
         ko=o_idx[local, flat % n_o],
         offset=t_idx[local, flat // n_o],
         weight=weight,
@@ -240,14 +345,16 @@ _PER_PARTICLE = ("best_ko", "best_offset", "max_prob", "n_significant", "log_evi
 
 
 def _merge(parts: list[tuple[Alignment, torch.Tensor]], b: int) -> Alignment:
-    """Groups of particles ``(alignment, rows of the batch)`` -> one batch Alignment."""
-    rows = torch.cat([r for _, r in parts])
+    """Groups of particles ``(alignment, rows)`` (the group's particle ``i`` is row ``rows[i]``
+    of a batch of ``b``) -> one batch Alignment."""
     fields = {}
     for name in Alignment.__dataclass_fields__:
         values = torch.cat([getattr(p, name) for p, _ in parts])
-        if name in _PER_PARTICLE:
+        if name == "particle":
+            values = torch.cat([rows[p.particle] for p, rows in parts])
+        elif name in _PER_PARTICLE:
             out = values.new_empty(b)
-            out[rows] = values
+            out[torch.cat([rows for _, rows in parts])] = values
             values = out
         fields[name] = values
     return Alignment(**fields)
@@ -274,35 +381,6 @@ class Search:
         return self.log_pdf_class.repeat_interleave(n_orient)
 
 
-def _cat(parts: list[Alignment], starts: list[int]) -> Alignment:
-    fields = {}
-    for name in Alignment.__dataclass_fields__:
-        values = [getattr(p, name) for p in parts]
-        if name == "particle":
-            values = [v + s0 for v, s0 in zip(values, starts, strict=True)]
-        fields[name] = torch.cat(values)
-    return Alignment(**fields)
-
-
-def _union_groups(
-    sig: torch.Tensor, bytes_orientation: int, bytes_offset: int, budget_bytes: int
-) -> list[tuple[int, int]]:
-    """Consecutive groups of particles whose significant coarse samples ``sig (b, T_c, KO_c)``
-    bool need at most ``budget_bytes`` together (one particle alone may pass it), at
-    ``bytes_orientation`` per coarse orientation and ``bytes_offset`` per coarse offset of the
-    group's union: the fine pass projects and phase-shifts each group's union at once."""
-    groups, g0, b = [], 0, sig.shape[0]
-    orient, offset = sig.any(dim=1).to(torch.int32), sig.any(dim=2).to(torch.int32)
-    while g0 < b:
-        n_o = torch.cummax(orient[g0:], dim=0).values.sum(dim=1)
-        n_t = torch.cummax(offset[g0:], dim=0).values.sum(dim=1)
-        cost = n_o * bytes_orientation + n_t * bytes_offset  # grows with the group
-        g1 = g0 + max(1, int((cost <= budget_bytes).sum()))
-        groups.append((g0, g1))
-        g0 = g1
-    return groups
-
-
 def align(
     data: torch.Tensor, ctf2: torch.Tensor, refs_full: torch.Tensor, search: Search
 ) -> Alignment:
@@ -311,7 +389,7 @@ def align(
     ``data (b, s, s, s//2+1)`` complex and ``ctf2`` (same shape) at the box both VoxelSets index;
     ``refs_full (K, 2, S, S, S)`` the references' full centred transforms (zero beyond the
     current radius). Temporaries stay under ``search.budget_bytes``: coarse scores by chunks of
-    particles, fine projections by groups whose union of orientations fits.
+    particles, the fine pass by chunks of the union of their orientations (:func:`fine_search`).
     """
     c_grid, f_grid = search.coarse, search.fine
     K = refs_full.shape[0]
@@ -325,31 +403,30 @@ def align(
     prior_t_fine = search.log_prior_offset(f_grid.offsets_px)
     prior_ko_fine = search.log_prior_ko(len(f_grid.rotations))
     T, KO, V = c_grid.offsets_px.shape[0], proj.shape[0], len(c_grid.voxels)
-    per_particle = 4 * (T * KO * 3 + T * V * 6)
-    chunk = max(1, min(data.shape[0], search.budget_bytes // per_particle))
-    parts, starts = [], []
+    # coarse scores by working-set chunks; the fine pass over as many particles as their coarse
+    # significance (a byte a pose) allows, so that their projections are shared
+    sub = max(1, min(search.budget_bytes, WORKING_SET_BYTES) // (4 * (T * KO * 3 + T * V * 6)))
+    chunk = max(1, search.budget_bytes // (T * KO))
+    parts = []
     for s in range(0, data.shape[0], chunk):
         d, c = data[s : s + chunk], ctf2[s : s + chunk]
-        scores = coarse_scores(
-            c_grid.voxels.take(d), c_grid.voxels.take(c), proj, c_grid, log_prior
+        sig = []
+        for i in range(0, d.shape[0], sub):
+            dc, cc = c_grid.voxels.take(d[i : i + sub]), c_grid.voxels.take(c[i : i + sub])
+            scores = coarse_scores(dc, cc, proj, c_grid, log_prior)
+            prob = torch.softmax(scores.reshape(scores.shape[0], -1), dim=1)
+            mask = significant_mask(prob, search.fraction, search.max_significant)
+            sig.append(mask.reshape(scores.shape))
+        part = fine_search(
+            f_grid.voxels.take(d),
+            f_grid.voxels.take(c),
+            refs_full,
+            torch.cat(sig),
+            f_grid,
+            prior_t_fine,
+            prior_ko_fine,
+            search.fraction,
+            search.budget_bytes,
         )
-        prob = torch.softmax(scores.reshape(scores.shape[0], -1), dim=1)
-        sig = significant_mask(prob, search.fraction, search.max_significant).reshape(scores.shape)
-        del scores, prob
-        per_sample = 8 * 8 * len(f_grid.voxels)  # 8 children, complex64
-        for g0, g1 in _union_groups(sig, per_sample, per_sample, search.budget_bytes):
-            parts.append(
-                fine_search(
-                    f_grid.voxels.take(d[g0:g1]),
-                    f_grid.voxels.take(c[g0:g1]),
-                    refs_full,
-                    sig[g0:g1],
-                    f_grid,
-                    prior_t_fine,
-                    prior_ko_fine,
-                    search.fraction,
-                    search.budget_bytes,
-                )
-            )
-            starts.append(s + g0)
-    return _cat(parts, starts)
+        parts.append((part, torch.arange(s, s + d.shape[0], device=data.device)))
+    return _merge(parts, data.shape[0])

@@ -8,7 +8,7 @@ For the kept samples e = (particle i, class k, rotation o, offset t, weight w), 
     weight[k,h] += splat_{A_o}( Σ_e w·C_i / σ² )
 
 (RELION's premultiplied-data back-projection, no division by the multiplicity), with the half-grid
-Friedel weights folded in (:func:`~denovo3d.engine.projector.backproject`), so the
+Friedel weights folded in (:func:`~denovo3d.engine.projector.splat`), so the
 accumulators are full-space sums on the half grid.
 """
 
@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from denovo3d.engine.expectation import Alignment, PassGrid, project
-from denovo3d.engine.projector import backproject
+from denovo3d.engine.projector import splat
+from denovo3d.memory import WORKING_SET_BYTES
 
 __all__ = ["Accumulators", "accumulate"]
 
@@ -81,7 +82,7 @@ def accumulate(
     key = key[order]
     groups, inverse = torch.unique_consecutive(key, return_inverse=True)
     entry_cost = 8 * len(vox) * 6
-    max_entries = max(1, budget_bytes // entry_cost)
+    max_entries = max(1, min(budget_bytes, WORKING_SET_BYTES) // entry_cost)
     t_union, t_pos = torch.unique(alignment.offset, return_inverse=True)
     phases = grid.phases(t_union)  # only the offsets in use
     e0 = 0
@@ -121,12 +122,14 @@ def accumulate(
         acc.offset_sq += (w.double() * (offsets.double() ** 2).sum(1)).sum()
         values = (data_g - ctf_g * proj_g) * splat_w
         weights = ctf_g * splat_w
-        coords = vox.coords @ g_rot  # (n_g, V, 3)
+        radius = min(vox.radius, vox.box / 2)
         for k in range(K):
             for h in range(2):
                 mine = torch.nonzero((g_cls == k) & (g_half == h)).squeeze(1)
                 if mine.numel():
-                    acc.data[k, h] += backproject(values[mine], coords[mine], box)
-                    acc.weight[k, h] += backproject(weights[mine], coords[mine], box)
+                    rot = g_rot[mine]
+                    d, w = splat(values[mine], weights[mine], rot, vox.coords, radius, box)
+                    acc.data[k, h] += d
+                    acc.weight[k, h] += w
         e0 = e1
     acc.n_particles += int(data.shape[0])
