@@ -17,6 +17,7 @@ Usage:
   .venv/bin/python benchmarks/bench_refine.py estep --batch 200 --box 64
   .venv/bin/python benchmarks/bench_refine.py scaling
   .venv/bin/python benchmarks/bench_refine.py job [--n 1000 --box 64 --iter 100 --snr 0.1]
+  add --gpu 0 to any mode for CUDA device 0 (rates per second of wall time, after a synchronise)
 """
 
 from __future__ import annotations
@@ -38,18 +39,29 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def gemm_rate(n: int = 2048, repeat: int = 5) -> dict[str, float]:
-    """Measured float32 matmul FLOP/s per CPU second (all threads' time: with one thread, the
-    rate of a core even when other processes share it): square ``n`` and the E-step's skinny
-    shape."""
+CPU = torch.device("cpu")
+
+
+def _clock(device: torch.device) -> float:
+    """CPU seconds on the CPU (all threads' time: with one thread, a core's rate even when
+    other processes share the machine); wall seconds after a synchronise on CUDA."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+    return time.process_time()
+
+
+def gemm_rate(device: torch.device = CPU, n: int = 2048, repeat: int = 5) -> dict[str, float]:
+    """Measured float32 matmul FLOP/s (per CPU second on the CPU, per second on CUDA, with
+    TF32 off): square ``n`` and the E-step's skinny shape."""
     out = {}
     for name, (m, k, p) in {"square": (n, n, n), "estep": (12_000, 1_400, 576)}.items():
-        a, b = torch.randn(m, k), torch.randn(k, p)
+        a, b = torch.randn(m, k, device=device), torch.randn(k, p, device=device)
         a @ b
-        t = time.process_time()
+        t = _clock(device)
         for _ in range(repeat):
             a @ b
-        out[name] = 2 * m * k * p * repeat / (time.process_time() - t)
+        out[name] = 2 * m * k * p * repeat / (_clock(device) - t)
     return out
 
 
@@ -67,7 +79,8 @@ class FlopCounter:
     pose of the significant coarse samples) and its wall and CPU time, by wrapping its
     functions."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device = CPU) -> None:
+        self.device = device
         self.flops = 0.0
         self.seconds = 0.0
         self.cpu_seconds = 0.0
@@ -88,10 +101,10 @@ class FlopCounter:
             return counter._scores(data, ctf2, proj, grid, log_prior)
 
         def align(*args, **kwargs):
-            start, cpu = time.perf_counter(), time.process_time()
+            start, clock = time.perf_counter(), _clock(counter.device)
             result = counter._align(*args, **kwargs)
+            counter.cpu_seconds += _clock(counter.device) - clock  # CUDA: wall seconds
             counter.seconds += time.perf_counter() - start
-            counter.cpu_seconds += time.process_time() - cpu
             return result
 
         expectation.fine_search = fine_search
@@ -129,6 +142,7 @@ def _config(args, particles: Path, out: Path, **changes) -> RefineConfig:
         preread_images=True,
         ini_subset=args.grad_ini_subset,
         fin_subset=args.grad_fin_subset,
+        gpu=args.gpu,
     )
     base.update(changes)
     return RefineConfig(**base)
@@ -140,17 +154,18 @@ def estep(args, particles: Path, out: Path, batch: int, box: int, order: int) ->
 
     ps = load_particle_set(particles)
     cfg = _config(args, particles, out, healpix_order=order, ini_subset=batch, fin_subset=batch)
-    state = refine.initialise(cfg, ps, torch.device("cpu"))
+    device = refine.device_for(cfg)
+    state = refine.initialise(cfg, ps, device)
     state.current_size = min(box, ps.box)
     schedule = VdamSchedule.build(cfg, ps.n)
     ps.load(range(ps.n), state.current_size)  # read and cache outside the timing
     best = None
     for _ in range(args.repeat):
         state.current_size = min(box, ps.box)
-        with FlopCounter() as counter:
-            start, cpu = time.perf_counter(), time.process_time()
-            refine.iterate(state, cfg, schedule, ps, torch.device("cpu"))
-            wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        with FlopCounter(device) as counter:
+            start, cpu = time.perf_counter(), _clock(device)
+            refine.iterate(state, cfg, schedule, ps, device)
+            wall, cpu = time.perf_counter() - start, _clock(device) - cpu
         if best is None or counter.cpu_seconds < best["estep_cpu_s"]:
             best = {
                 "iteration_s": wall,
@@ -227,11 +242,14 @@ def main() -> None:
     parser.add_argument("--grad_fin_subset", type=int, default=-1, help="job: last batch size")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--gpu", default=None, help="CUDA device id (refine's --gpu); rates per s")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    device = CPU if args.gpu is None else torch.device(f"cuda:{args.gpu or 0}")
+    unit = "CPU s" if device.type == "cpu" else "s"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}")
     if args.mode == "gemm":
-        for name, rate in gemm_rate().items():
-            print(f"matmul float32 {name}: {rate / 1e9:.1f} GFLOP per CPU second")
+        for name, rate in gemm_rate(device).items():
+            print(f"matmul float32 {name}: {rate / 1e9:.1f} GFLOP per {unit}")
         return
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
@@ -255,14 +273,14 @@ def main() -> None:
             cases += [(100, args.box, 0)]
         for batch, box, order in cases:
             r = estep(args, project["particles"], out / "estep", batch, box, order)
-            rate = gemm_rate()["estep"]  # measured next to the E-step, under the same load
+            rate = gemm_rate(device)["estep"]  # measured next to the E-step, same load
             print(
                 f"batch {r['batch']:4d} box {r['box']:3d} order {r['healpix_order']}: iteration "
-                f"{r['iteration_s']:.2f} s ({r['iteration_cpu_s']:.2f} CPU s), E-step "
-                f"{r['estep_s']:.2f} s ({r['estep_cpu_s']:.2f} CPU s), "
-                f"{r['estep_gemm_gflop']:.1f} GFLOP -> {r['estep_gflops']:.1f} GFLOP/CPU s "
+                f"{r['iteration_s']:.2f} s ({r['iteration_cpu_s']:.2f} {unit}), E-step "
+                f"{r['estep_s']:.2f} s ({r['estep_cpu_s']:.2f} {unit}), "
+                f"{r['estep_gemm_gflop']:.1f} GFLOP -> {r['estep_gflops']:.1f} GFLOP/{unit} "
                 f"({100 * r['estep_gflops'] * 1e9 / rate:.0f}% of matmul, "
-                f"{rate / 1e9:.1f} GFLOP/CPU s), peak RSS {r['peak_rss_gib']:.2f} GiB"
+                f"{rate / 1e9:.1f} GFLOP/{unit}), peak RSS {r['peak_rss_gib']:.2f} GiB"
             )
 
 
