@@ -200,12 +200,14 @@ def refine(
     iterations: int,
     model: tuple[torch.Tensor, torch.Tensor] | None = None,
     start_shift: torch.Tensor | None = None,
+    refine_shift: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """L-BFGS on a rotation vector (left perturbation of ``start``) and a shift (input pixels).
 
     ``model``: shell weights and noise power (:func:`shell_model`). Every operator is used, one
-    of each pair ``g, g⁻¹`` (same score). Returns the refined rotation ``(3, 3)``, the shift
-    ``(3,)`` and the score."""
+    of each pair ``g, g⁻¹`` (same score). ``refine_shift=False`` keeps ``start_shift`` (e.g. to
+    measure the rotation alone). Returns the refined rotation ``(3, 3)``, the shift ``(3,)`` and
+    the score."""
     weights, noise = (None, None) if model is None else model
     ops, mult = operator_pairs(group)
     ops = ops.to(torch.float64)
@@ -213,11 +215,10 @@ def refine(
     mult = (mult / mult.sum()).to(f32)
     omega = torch.zeros(3, dtype=torch.float64, requires_grad=True)
     shift0 = torch.zeros(3, dtype=torch.float64) if start_shift is None else start_shift
-    shift = shift0.clone().double().requires_grad_(True)
+    shift = shift0.clone().double().requires_grad_(refine_shift)
     r0 = start.to(torch.float64)
-    opt = torch.optim.LBFGS(
-        [omega, shift], lr=1, max_iter=iterations, line_search_fn="strong_wolfe"
-    )
+    variables = [omega, shift] if refine_shift else [omega]
+    opt = torch.optim.LBFGS(variables, lr=1, max_iter=iterations, line_search_fn="strong_wolfe")
 
     def score_at() -> torch.Tensor:
         r = _skew_exp(omega) @ r0
