@@ -330,10 +330,11 @@ CANDIDATES = tuple(
 @dataclass(frozen=True)
 class GroupEvidence:
     """One candidate group: ``score`` the 20th percentile of the map's correlations with its copies
-    under the group's operators at the best axes (one band for all groups); ``agreement`` =
-    (score - null) / (best - null). A low percentile, not the mean: a near-cylindrical blob agrees
-    with small turns about its long axis but not with large ones, a truly symmetric map with all
-    its group's turns (not the minimum either: noise would then penalise large groups)."""
+    under the group's operators at the best of the search's distinct optima (one band for all
+    groups); ``agreement`` = (score - null) / (best - null). A low percentile, not the mean: a
+    near-cylindrical blob agrees with small turns about its long axis but not with large ones, a
+    truly symmetric map with all its group's turns (not the minimum either: noise would then
+    penalise large groups)."""
 
     group: str
     order: int
@@ -393,10 +394,14 @@ def detect_symmetry(
     scores = {}
     for name in candidates:
         g = point_group(name)
-        r, shift, _ = _coarse_alignment(bands, g, params)[0]
-        h = (r.T @ g.operators[1:] @ r).float()
-        rho = pair_correlations(band, h, shift.float())
-        scores[name] = (g.order, float(torch.quantile(rho, 0.2)))
+        # every distinct optimum of the coarse search, judged on the finer band (the coarse
+        # band's best can be a wrong setting, e.g. one sharing some of the axes)
+        best = -math.inf
+        for r, shift, _ in _coarse_alignment(bands, g, params):
+            h = (r.T @ g.operators[1:] @ r).float()
+            rho = pair_correlations(band, h, shift.float())
+            best = max(best, float(torch.quantile(rho, 0.2)))
+        scores[name] = (g.order, best)
     top = max(s for _, s in scores.values())
     span = max(top - null, 1e-6)
     rows = [GroupEvidence(n, o, s, (s - null) / span) for n, (o, s) in scores.items()]
