@@ -88,13 +88,19 @@ def degrade(
     return out + noise_sd_rel * sd * torch.randn(out.shape, generator=gen, dtype=out.dtype)
 
 
+def recovery_clean(group: str, trial: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The clean float64 map of :func:`recovery_trial`, its ``truth (3, 3)`` and ``shift (3,)``
+    (xyz px): the map is ``P(truthᵀ(x - shift))``."""
+    gen = torch.Generator().manual_seed(10_000 + trial)
+    truth = random_rotations(1, gen)[0]
+    shift = (torch.rand(3, generator=gen, dtype=torch.float64) - 0.5) * 6
+    return phantom(group, 64, seed=trial, rotation=truth, shift_px=shift), truth, shift
+
+
 def recovery_trial(group: str, trial: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The recovery benchmark's input ``trial`` for ``group``: the box-64 phantom in the standard
     orientation turned by a random rotation ``truth (3, 3)``, moved by up to ±3 px, degraded with
     the defaults of :func:`degrade`. Returns the float32 map and ``truth`` (the map is
     ``P(truthᵀ(x - shift))``)."""
-    gen = torch.Generator().manual_seed(10_000 + trial)
-    truth = random_rotations(1, gen)[0]
-    shift = (torch.rand(3, generator=gen, dtype=torch.float64) - 0.5) * 6
-    clean = phantom(group, 64, seed=trial, rotation=truth, shift_px=shift)
+    clean, truth, _ = recovery_clean(group, trial)
     return degrade(clean, seed=trial).float(), truth

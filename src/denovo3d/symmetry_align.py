@@ -200,12 +200,14 @@ def refine(
     iterations: int,
     model: tuple[torch.Tensor, torch.Tensor] | None = None,
     start_shift: torch.Tensor | None = None,
+    refine_shift: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """L-BFGS on a rotation vector (left perturbation of ``start``) and a shift (input pixels).
 
     ``model``: shell weights and noise power (:func:`shell_model`). Every operator is used, one
-    of each pair ``g, g⁻¹`` (same score). Returns the refined rotation ``(3, 3)``, the shift
-    ``(3,)`` and the score."""
+    of each pair ``g, g⁻¹`` (same score). ``refine_shift=False`` keeps ``start_shift`` (e.g. to
+    measure the rotation alone). Returns the refined rotation ``(3, 3)``, the shift ``(3,)`` and
+    the score."""
     weights, noise = (None, None) if model is None else model
     ops, mult = operator_pairs(group)
     ops = ops.to(torch.float64)
@@ -213,11 +215,10 @@ def refine(
     mult = (mult / mult.sum()).to(f32)
     omega = torch.zeros(3, dtype=torch.float64, requires_grad=True)
     shift0 = torch.zeros(3, dtype=torch.float64) if start_shift is None else start_shift
-    shift = shift0.clone().double().requires_grad_(True)
+    shift = shift0.clone().double().requires_grad_(refine_shift)
     r0 = start.to(torch.float64)
-    opt = torch.optim.LBFGS(
-        [omega, shift], lr=1, max_iter=iterations, line_search_fn="strong_wolfe"
-    )
+    variables = [omega, shift] if refine_shift else [omega]
+    opt = torch.optim.LBFGS(variables, lr=1, max_iter=iterations, line_search_fn="strong_wolfe")
 
     def score_at() -> torch.Tensor:
         r = _skew_exp(omega) @ r0
@@ -329,10 +330,11 @@ CANDIDATES = tuple(
 @dataclass(frozen=True)
 class GroupEvidence:
     """One candidate group: ``score`` the 20th percentile of the map's correlations with its copies
-    under the group's operators at the best axes (one band for all groups); ``agreement`` =
-    (score - null) / (best - null). A low percentile, not the mean: a near-cylindrical blob agrees
-    with small turns about its long axis but not with large ones, a truly symmetric map with all
-    its group's turns (not the minimum either: noise would then penalise large groups)."""
+    under the group's operators at the best of the search's distinct optima (one band for all
+    groups); ``agreement`` = (score - null) / (best - null). A low percentile, not the mean: a
+    near-cylindrical blob agrees with small turns about its long axis but not with large ones, a
+    truly symmetric map with all its group's turns (not the minimum either: noise would then
+    penalise large groups)."""
 
     group: str
     order: int
@@ -392,10 +394,14 @@ def detect_symmetry(
     scores = {}
     for name in candidates:
         g = point_group(name)
-        r, shift, _ = _coarse_alignment(bands, g, params)[0]
-        h = (r.T @ g.operators[1:] @ r).float()
-        rho = pair_correlations(band, h, shift.float())
-        scores[name] = (g.order, float(torch.quantile(rho, 0.2)))
+        # every distinct optimum of the coarse search, judged on the finer band (the coarse
+        # band's best can be a wrong setting, e.g. one sharing some of the axes)
+        best = -math.inf
+        for r, shift, _ in _coarse_alignment(bands, g, params):
+            h = (r.T @ g.operators[1:] @ r).float()
+            rho = pair_correlations(band, h, shift.float())
+            best = max(best, float(torch.quantile(rho, 0.2)))
+        scores[name] = (g.order, best)
     top = max(s for _, s in scores.values())
     span = max(top - null, 1e-6)
     rows = [GroupEvidence(n, o, s, (s - null) / span) for n, (o, s) in scores.items()]
