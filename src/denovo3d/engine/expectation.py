@@ -164,7 +164,7 @@ def fine_search(
     n_o = coarse_sig.any(dim=1).sum(dim=1)
     n_t = coarse_sig.any(dim=2).sum(dim=1)
     order = torch.argsort(n_o * n_t)  # similar sizes share a block: little padding
-    sizes = torch.stack([n_o[order], n_t[order]], dim=1).tolist()
+    sizes = torch.stack([n_o[order], n_t[order]], dim=1)
     # scores (with a spare block), probabilities, their sorted copy, int64 ranks, cumulative
     # sums and masks: about 32 bytes a fine pose
     limit = budget_bytes // 4
@@ -211,7 +211,7 @@ def _fine_block(
     step = max(1, (budget_bytes // 2) // (8 * V * 3 * itemsize))
     eight = torch.arange(8, device=data.device)
 
-    def group_cost(m: int, n: int) -> int:  # gathered P and |P|², the rows and their parents
+    def group_cost(m: torch.Tensor, n: torch.Tensor) -> torch.Tensor:  # P, |P|², data rows
         return V * itemsize * (24 * m + 18 * n)
 
     for u0 in range(0, n_union, step):
@@ -226,7 +226,7 @@ def _fine_block(
         slots, slot_ok = _padded_rows(inside[rows_in])  # (g_c, m): the particle's slots here
         par = (o_pos[rows_in[:, None], slots] - u0).clamp_(0, u1 - u0 - 1)
         slots = slots.masked_fill(~slot_ok, n_oc)  # padded slots -> the spare block
-        sizes = torch.stack([n_in[rows_in], n_t_all[rows_in]], dim=1).tolist()
+        sizes = torch.stack([n_in[rows_in], n_t_all[rows_in]], dim=1)
         for g0, g1, m, n_t in _working_groups(sizes, group_cost, WORKING_SET_BYTES):
             rows = rows_in[g0:g1]
             g = rows.numel()
@@ -269,20 +269,21 @@ class _ShiftedRows:
 
 
 def _working_groups(
-    sizes: list[list[int]], cost: Callable[[int, int], int], limit: int
+    sizes: torch.Tensor, cost: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], limit: int
 ) -> list[tuple[int, int, int, int]]:
-    """Consecutive groups ``(g0, g1, m, n)`` of particles with ``sizes[i] = (coarse
-    orientations, coarse offsets)``: ``m, n`` the group's maxima (the padding), the group's
-    bytes (``cost(m, n)`` per particle) under ``limit`` (one particle alone may pass it)."""
-    groups, g0, n_p = [], 0, len(sizes)
+    """Consecutive groups ``(g0, g1, m, n)`` of particles with ``sizes (P, 2)`` = (coarse
+    orientations, coarse offsets) each: ``m, n`` the group's maxima (the padding), the group's
+    bytes (``cost(m, n)`` per particle) under ``limit`` (one particle alone may pass it). The
+    cost of a growing group never falls (running maxima), so each group is the prefix that
+    fits: one vectorised test per group, no loop over particles."""
+    groups, g0, n_p = [], 0, sizes.shape[0]
     while g0 < n_p:
-        g1, m, n = g0, 0, 0
-        while g1 < n_p:
-            a, c = max(m, sizes[g1][0]), max(n, sizes[g1][1])
-            if g1 > g0 and (g1 + 1 - g0) * cost(a, c) > limit:
-                break
-            g1, m, n = g1 + 1, a, c
-        groups.append((g0, g1, m, n))
+        m = torch.cummax(sizes[g0:, 0], dim=0).values
+        n = torch.cummax(sizes[g0:, 1], dim=0).values
+        count = torch.arange(1, n_p - g0 + 1, device=sizes.device)
+        fits = int((count * cost(m, n) <= limit).sum())
+        g1 = g0 + max(1, fits)
+        groups.append((g0, g1, int(m[g1 - g0 - 1]), int(n[g1 - g0 - 1])))
         g0 = g1
     return groups
 
