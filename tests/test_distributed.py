@@ -93,6 +93,16 @@ def _refine_args(star: Path, out: Path) -> list[str]:
     ]
 
 
+def _two_ranks(*argv: str) -> subprocess.CompletedProcess:
+    """``denovo3d ARGV`` as 2 gloo ranks through torchrun (one thread each), output captured."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1] / "src"), *sys.path])
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    return subprocess.run(
+        [*launch, "-m", "denovo3d", *argv], env=env, capture_output=True, text=True, timeout=600
+    )
+
+
 def test_two_gloo_ranks_equal_one_process(tmp_path: Path) -> None:
     box, px = 24, 11.0
     parts = make_particles(make_phantom("asymmetric", box, px), 30, 2000.0, 1.0, seed=8)
@@ -100,16 +110,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path: Path) -> None:
     one = tmp_path / "one" / "run"
     assert cli_main(_refine_args(star, one)) == 0
     two, scratch = tmp_path / "two" / "run", tmp_path / "scratch"  # ranks read a scratch copy
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1] / "src"), *sys.path])
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    result = subprocess.run(
-        [*launch, "-m", "denovo3d", *_refine_args(star, two), "--scratch_dir", str(scratch)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = _two_ranks(*_refine_args(star, two), "--scratch_dir", str(scratch))
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(list(scratch.glob("*.particles"))) == 1
     for it in (1, 2, 3):
@@ -148,29 +149,14 @@ def test_two_ranks_stop_together_on_the_abort_file(tmp_path: Path) -> None:
     out = tmp_path / "job" / "run"
     (tmp_path / "job").mkdir()
     (tmp_path / "job" / "RELION_JOB_ABORT_NOW").touch()  # pressed before the first mini-batch
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1] / "src"), *sys.path])
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    result = subprocess.run(
-        [*launch, "-m", "denovo3d", *_refine_args(star, out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = _two_ranks(*_refine_args(star, out))
     assert result.returncode != 0  # torchrun reports the ranks' exit code 3 as a failure
     assert (tmp_path / "job" / "RELION_JOB_EXIT_ABORTED").is_file()
     assert not (tmp_path / "job" / "RELION_JOB_ABORT_NOW").exists()
     assert not (tmp_path / "job" / "RELION_JOB_EXIT_SUCCESS").exists()
     assert Path(f"{out}_it000_class001.mrc").is_file()
     assert not Path(f"{out}_it001_class001.mrc").exists()
-    again = subprocess.run(  # --continue with the same 2 ranks
-        [*launch, "-m", "denovo3d", *_refine_args(star, out), "--continue"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    again = _two_ranks(*_refine_args(star, out), "--continue")  # the same 2 ranks
     assert again.returncode == 0, again.stderr[-3000:]
     assert (tmp_path / "job" / "RELION_JOB_EXIT_SUCCESS").is_file()
     one = tmp_path / "one" / "run"  # uninterrupted, one process
@@ -204,16 +190,7 @@ def test_a_bad_particle_on_one_rank_stops_both_with_one_message(tmp_path: Path) 
     with pytest.warns(RuntimeWarning, match="NaN"):  # mrcfile's own warning on writing it
         write_mrc(path, data, voxel)
     out = tmp_path / "job" / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1] / "src"), *sys.path])
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    result = subprocess.run(
-        [*launch, "-m", "denovo3d", *_refine_args(star, out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = _two_ranks(*_refine_args(star, out))
     assert result.returncode != 0
     expected = f"error: rank 1: {path}: 1 voxel(s) are NaN or Inf"
     assert result.stderr.count("denovo3d refine: error:") == 1, result.stderr[-3000:]
