@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from denovo3d import refine
+from denovo3d import memory, refine
 from denovo3d.config import RefineConfig, VdamSchedule
 from denovo3d.engine import expectation
 
@@ -246,7 +246,11 @@ def main() -> None:
     args = parser.parse_args()
     device = CPU if args.gpu is None else torch.device(f"cuda:{args.gpu or 0}")
     unit = "CPU s" if device.type == "cpu" else "s"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}")
+    kept = memory.keep_freed_memory()  # as refine.run does
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}; "
+        f"glibc keeps freed memory: {kept}"
+    )
     if args.mode == "gemm":
         for name, rate in gemm_rate(device).items():
             print(f"matmul float32 {name}: {rate / 1e9:.1f} GFLOP per {unit}")

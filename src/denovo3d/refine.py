@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from denovo3d import distributed
+from denovo3d import distributed, memory
 from denovo3d.config import RefineConfig, VdamSchedule
 from denovo3d.engine.expectation import Alignment, PassGrid, Search, align
 from denovo3d.engine.maximization import Accumulators, accumulate
@@ -448,6 +448,7 @@ def run(
     from denovo3d.particles import load_particle_set
 
     torch.set_num_threads(max(1, cfg.threads))
+    memory.keep_freed_memory()
     ranks, device = distributed.setup(device_for(cfg), cfg.gpu)
     ensure_writable_dir(Path(cfg.output_root).parent)  # before any work
     asked_iter = cfg.n_iter
