@@ -1,6 +1,7 @@
-"""The fused C++ projector (:mod:`denovo3d.engine.native`) against the torch path it replaces on
-the CPU: same cube, same cells (base clamped to [0, 2r-1], zeros past the volume's edge), same
-samples; dispatch, ``out=``, threads, and the fallback when the kernel cannot be built."""
+"""The fused C++ projector and its adjoint (:mod:`denovo3d.engine.native`) against the torch paths
+they replace on the CPU: same cube, same cells (base clamped to [0, 2r-1], zeros past the
+volume's edge), same samples and sums; dispatch, ``out=``, threads, and the fallback when the
+kernels cannot be built."""
 
 from __future__ import annotations
 
@@ -13,7 +14,15 @@ import pytest
 import torch
 
 from denovo3d.engine import native, projector
-from denovo3d.engine.projector import _cube, _rotate_torch, full_centred, gather, rotate
+from denovo3d.engine.projector import (
+    _cube,
+    _rotate_torch,
+    _splat_torch,
+    full_centred,
+    gather,
+    rotate,
+    splat,
+)
 from denovo3d.fourier import rfft_coords
 from denovo3d.geometry.euler import random_rotations
 
@@ -56,16 +65,16 @@ def _torch_path(full: torch.Tensor, rot: torch.Tensor, coords: torch.Tensor, rad
     return _rotate_torch(table, rot, coords, r, 1 << 17, out)
 
 
-def _spy(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Count the torch path's calls (the native kernel must leave it alone)."""
+def _spy(monkeypatch: pytest.MonkeyPatch, name: str = "_rotate_torch") -> list[int]:
+    """Count the calls of a torch path (the native kernel must leave it alone)."""
     calls: list[int] = []
-    torch_path = projector._rotate_torch
+    torch_path = getattr(projector, name)
 
     def counted(*args, **kwargs):
         calls.append(1)
         return torch_path(*args, **kwargs)
 
-    monkeypatch.setattr(projector, "_rotate_torch", counted)
+    monkeypatch.setattr(projector, name, counted)
     return calls
 
 
@@ -194,3 +203,41 @@ def test_rotate_on_each_device_equals_the_cpu_kernel(device: str) -> None:
     cpu = rotate(full, rot, coords, 5.0)
     got = rotate(full.to(device), rot.to(device), coords.to(device), 5.0).cpu()
     torch.testing.assert_close(got, cpu, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_splat_equals_torch_scatter(op, monkeypatch: pytest.MonkeyPatch, dtype) -> None:
+    """The adjoint: small and odd radii, cubes past the volume's edge, points outside the cube,
+    1 and 2 threads (one accumulator each), both builds of the float loop."""
+    calls = _spy(monkeypatch, "_splat_torch")
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    gen = torch.Generator().manual_seed(10)
+    threads = torch.get_num_threads()
+    cases = ((8, 1.0), (8, 2.5), (8, 5.0), (9, 3.0), (16, 7.5), (17, 8.0))
+    try:
+        for box, radius in cases:
+            r = max(1, math.ceil(radius))
+            rot = random_rotations(5, gen).to(dtype)
+            points = (torch.rand(400, 3, generator=gen, dtype=dtype) * 2 - 1) * 1.4 * r
+            coords = _away_from_integers(points, rot, r)
+            values = torch.randn(5, len(coords), generator=gen, dtype=dtype.to_complex())
+            weights = torch.rand(5, len(coords), generator=gen, dtype=dtype)
+            with monkeypatch.context() as torch_only:
+                torch_only.setenv("DENOVO3D_NATIVE", "0")
+                expected = splat(values, weights, rot, coords, radius, box)
+            scale = float(expected[1].abs().max())
+            for n_threads in (1, 2):
+                torch.set_num_threads(n_threads)
+                got = splat(values, weights, rot, coords, radius, box)
+                torch.testing.assert_close(got, expected, rtol=0, atol=tol * scale)
+            if dtype == torch.float32:  # the baseline build against the torch scatter
+                acc = torch.zeros((3, (2 * r + 1) ** 3), dtype=dtype)
+                _splat_torch(values, weights, rot, coords, r, 1 << 17, acc)
+                plain = torch.zeros_like(acc)
+                real = torch.view_as_real(values)
+                op_splat = torch.ops.denovo3d.splat
+                op_splat(real, weights, rot, coords, r, plain, False)
+                torch.testing.assert_close(plain, acc, rtol=0, atol=tol * scale)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == len(cases)  # the expected sums only

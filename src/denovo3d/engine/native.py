@@ -1,14 +1,16 @@
-"""The fused CPU kernel of :func:`denovo3d.engine.projector.rotate`, compiled at first use.
+"""The fused CPU kernels of :func:`denovo3d.engine.projector.rotate` and
+:func:`~denovo3d.engine.projector.splat`, compiled at first use.
 
 ``projector_native.cpp`` (shipped next to this module) is built once with
 :func:`torch.utils.cpp_extension.load_inline` into torch's extension cache
 (``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and registers
-``torch.ops.denovo3d.rotate``. The build directory is named after a hash of the source and of the
-torch version, so an upgrade of either builds afresh and never loads a stale library; torch's
-loader holds a file lock there, so processes that start together build it once. Where it cannot
-be built (no compiler, no ninja, any error) one :class:`RuntimeWarning` says so and
-:func:`load` returns ``None``: the projector keeps its pure-torch path (several times slower on
-the CPU, and the path CUDA always takes). ``DENOVO3D_NATIVE=0`` disables the kernel.
+``torch.ops.denovo3d.rotate`` and ``torch.ops.denovo3d.splat``. The build directory is named
+after a hash of the source and of the torch version, so an upgrade of either builds afresh and
+never loads a stale library; torch's loader holds a file lock there, so processes that start
+together build it once. Where it cannot be built (no compiler, no ninja, any error) one
+:class:`RuntimeWarning` says so and :func:`load` returns ``None``: the projector keeps its
+pure-torch paths (several times slower on the CPU; the paths CUDA always takes).
+``DENOVO3D_NATIVE=0`` disables the kernels.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["enabled", "failure", "load"]
+__all__ = ["enabled", "failure", "load", "load_splat"]
 
 _SOURCE = Path(__file__).with_name("projector_native.cpp")
 _lock = threading.Lock()
@@ -86,3 +88,8 @@ def load() -> Callable[..., None] | None:
             stacklevel=3,
         )
     return _op
+
+
+def load_splat() -> Callable[..., None] | None:
+    """``torch.ops.denovo3d.splat``, built with :func:`load`'s library, or ``None``."""
+    return None if load() is None else torch.ops.denovo3d.splat

@@ -202,13 +202,61 @@ def splat(
     (``S = box``).
 
     The three channels (re, im, weight) are spread over the eight corners by the lerp weights'
-    adjoint and added with ``scatter_add_`` into the flattened cube around the centre, several
-    times faster than ``grid_sampler_3d_backward``.
+    adjoint and added into the flattened cube around the centre: on the CPU by one fused C++
+    loop (:mod:`.native`), elsewhere (or with ``DENOVO3D_NATIVE=0``) with ``scatter_add_``
+    (:func:`_splat_torch`), several times faster than ``grid_sampler_3d_backward``.
     """
     r = max(1, math.ceil(radius))
     side = 2 * r + 1
-    offsets = _corner_offsets(side)
     acc = torch.zeros((3, side**3), dtype=weights.dtype, device=weights.device)
+    op = _native_splat_op(values, weights, coords)
+    if op is None:
+        _splat_torch(values, weights, rotations, coords, r, chunk_points, acc)
+    else:
+        rot = rotations.to(coords).contiguous()
+        op(torch.view_as_real(values), weights, rot, coords.contiguous(), r, acc)
+    full = torch.zeros((3, box, box, box), dtype=acc.dtype, device=acc.device)
+    lo = box // 2 - r
+    a, b = max(lo, 0), min(lo + side, box)  # the cube's part inside the volume
+    cube = acc.view(3, side, side, side)[:, a - lo : b - lo, a - lo : b - lo, a - lo : b - lo]
+    full[:, a:b, a:b, a:b] = cube
+    return _fold(torch.complex(full[0], full[1])), _fold(full[2])
+
+
+def _native_splat_op(
+    values: torch.Tensor, weights: torch.Tensor, coords: torch.Tensor
+) -> Callable[..., None] | None:
+    """The compiled scatter where it applies (CPU, float32/64 throughout, no autograd, voxels
+    contiguous), else ``None``."""
+    if not (
+        values.device.type == "cpu"
+        and weights.device.type == "cpu"
+        and coords.device.type == "cpu"
+        and weights.dtype in (torch.float32, torch.float64)
+        and values.dtype == weights.dtype.to_complex()
+        and coords.dtype == weights.dtype
+        and values.dim() == 2
+        and values.stride(-1) == 1
+        and weights.dim() == 2
+        and weights.stride(-1) == 1
+        and not (torch.is_grad_enabled() and (values.requires_grad or weights.requires_grad))
+        and native.enabled()
+    ):
+        return None
+    return native.load_splat()
+
+
+def _splat_torch(
+    values: torch.Tensor,
+    weights: torch.Tensor,
+    rotations: torch.Tensor,
+    coords: torch.Tensor,
+    r: int,
+    chunk_points: int,
+    acc: torch.Tensor,
+) -> None:
+    """:func:`splat` from torch ops into ``acc (3, (2r+1)³)`` (the CUDA path)."""
+    offsets = _corner_offsets(2 * r + 1)
     n_base = acc.shape[1] - offsets[-1]
     for o_sl, v_sl, idx, frac in _cells(rotations, coords, r, chunk_points):
         ch = torch.stack([values[o_sl, v_sl].real, values[o_sl, v_sl].imag, weights[o_sl, v_sl]])
@@ -224,12 +272,6 @@ def splat(
         index = idx.expand(3, -1)
         for k, off in enumerate(offsets):
             acc[:, off : off + n_base].scatter_add_(1, index, corners[k])
-    full = torch.zeros((3, box, box, box), dtype=acc.dtype, device=acc.device)
-    lo = box // 2 - r
-    a, b = max(lo, 0), min(lo + side, box)  # the cube's part inside the volume
-    cube = acc.view(3, side, side, side)[:, a - lo : b - lo, a - lo : b - lo, a - lo : b - lo]
-    full[:, a:b, a:b, a:b] = cube
-    return _fold(torch.complex(full[0], full[1])), _fold(full[2])
 
 
 def backproject(values: torch.Tensor, coords: torch.Tensor, box: int) -> torch.Tensor:

@@ -164,6 +164,155 @@ void rotate_impl(const at::Tensor& table, const at::Tensor& rotations, const at:
   });
 }
 
+// ---- splat: the adjoint, for the M-step's back-projection ----
+
+// Spreads one sample v = (re, im, weight, 0) over its cell's corners (the lerps' adjoint) into
+// acc (side^3, 4): corner (x, y, z) at c000, x+1 next to it.
+template <typename T>
+D3D_INLINE void spread(T* c000, int64_t sy, int64_t sz, T wx, T wy, T wz, const T* v) {
+  for (int i = 0; i < 3; ++i) {
+    const T z1 = v[i] * wz, z0 = v[i] - z1;
+    const T y01 = z0 * wy, y00 = z0 - y01, y11 = z1 * wy, y10 = z1 - y11;
+    const T rows[4] = {y00, y01, y10, y11};
+    const int64_t off[4] = {0, sy, sz, sz + sy};
+    for (int q = 0; q < 4; ++q) {
+      const T x1 = rows[q] * wx;
+      c000[off[q] + i] += rows[q] - x1;
+      c000[off[q] + 4 + i] += x1;
+    }
+  }
+}
+
+#if defined(__SSE2__)
+template <>
+D3D_INLINE void spread<float>(float* c000, int64_t sy, int64_t sz, float wx, float wy, float wz,
+                              const float* v) {
+  const __m128 s = _mm_loadu_ps(v), vy = _mm_set1_ps(wy), vx = _mm_set1_ps(wx);
+  const __m128 z1 = _mm_mul_ps(s, _mm_set1_ps(wz)), z0 = _mm_sub_ps(s, z1);
+  const __m128 y01 = _mm_mul_ps(z0, vy), y11 = _mm_mul_ps(z1, vy);
+  const __m128 rows[4] = {_mm_sub_ps(z0, y01), y01, _mm_sub_ps(z1, y11), y11};
+  float* dst[4] = {c000, c000 + sy, c000 + sz, c000 + sz + sy};
+  for (int q = 0; q < 4; ++q) {
+    const __m128 x1 = _mm_mul_ps(rows[q], vx), x0 = _mm_sub_ps(rows[q], x1);
+    _mm_storeu_ps(dst[q], _mm_add_ps(_mm_loadu_ps(dst[q]), x0));
+    _mm_storeu_ps(dst[q] + 4, _mm_add_ps(_mm_loadu_ps(dst[q] + 4), x1));
+  }
+}
+#endif
+
+template <typename T>
+struct Scatter {
+  const T* values;   // (O, V, 2) with row stride values_so
+  const T* weights;  // (O, V) with row stride weights_so
+  const T* rot;      // (O, 3, 3)
+  const T* k;        // (3, V)
+  int64_t V, values_so, weights_so, side;
+  T shift;
+};
+
+// Orientations [o0, o1) added into acc (side^3, 4) interleaved (re, im, weight, 0).
+template <typename T>
+D3D_INLINE void splat_range(const Scatter<T>& p, T* acc, int64_t o0, int64_t o1) {
+  int32_t idx[kBlock];
+  T wx[kBlock], wy[kBlock], wz[kBlock];
+  const int32_t top = static_cast<int32_t>(p.side - 2), side = static_cast<int32_t>(p.side);
+  const int64_t sy = 4 * p.side, sz = 4 * p.side * p.side;
+  for (int64_t o = o0; o < o1; ++o) {
+    const T* val = p.values + o * p.values_so;
+    const T* wgt = p.weights + o * p.weights_so;
+    for (int64_t v0 = 0; v0 < p.V; v0 += kBlock) {
+      const int64_t n = std::min(kBlock, p.V - v0);
+      cells<T>(p.k + v0, p.V, n, p.rot + 9 * o, p.shift, top, side, idx, wx, wy, wz);
+      for (int64_t j = 0; j < n; ++j) {
+        const T v[4] = {val[2 * (v0 + j)], val[2 * (v0 + j) + 1], wgt[v0 + j], T(0)};
+        spread<T>(acc + 4 * static_cast<int64_t>(idx[j]), sy, sz, wx[j], wy[j], wz[j], v);
+      }
+    }
+  }
+}
+
+#if D3D_X86
+__attribute__((target("avx2,fma"))) void splat_range_avx2(const Scatter<float>& p, float* acc,
+                                                          int64_t o0, int64_t o1) {
+  splat_range<float>(p, acc, o0, o1);
+}
+#endif
+
+template <typename T>
+void splat_impl(const at::Tensor& values, const at::Tensor& weights, const at::Tensor& rotations,
+                const at::Tensor& coords, int64_t r, const at::Tensor& acc, bool simd) {
+  const at::Tensor k_t = coords.t().contiguous();
+  const int64_t side = 2 * r + 1, n_cube = side * side * side, O = rotations.size(0);
+  Scatter<T> p{values.const_data_ptr<T>(), weights.const_data_ptr<T>(),
+               rotations.const_data_ptr<T>(), k_t.const_data_ptr<T>(),
+               coords.size(0), values.stride(0), weights.stride(0), side, static_cast<T>(r)};
+  bool avx2 = false;
+#if D3D_X86
+  avx2 = simd && std::is_same_v<T, float> && __builtin_cpu_supports("avx2")
+         && __builtin_cpu_supports("fma");
+#endif
+  // one interleaved accumulator per thread (no races), summed into acc (3, side^3) at the end;
+  // orientations split evenly over the threads
+  const int64_t n_parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), O));
+  at::Tensor parts = values.new_zeros({n_parts, n_cube, 4});
+  T* buf = parts.mutable_data_ptr<T>();
+  at::parallel_for(0, n_parts, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t o0 = O * t / n_parts, o1 = O * (t + 1) / n_parts;
+      T* mine = buf + t * n_cube * 4;
+#if D3D_X86
+      if constexpr (std::is_same_v<T, float>) {
+        if (avx2) {
+          splat_range_avx2(p, mine, o0, o1);
+          continue;
+        }
+      }
+#endif
+      splat_range<T>(p, mine, o0, o1);
+    }
+  });
+  T* dst = acc.mutable_data_ptr<T>();
+  at::parallel_for(0, n_cube, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int c = 0; c < 3; ++c) {
+        T sum = 0;
+        for (int64_t t = 0; t < n_parts; ++t) sum += buf[(t * n_cube + i) * 4 + c];
+        dst[c * n_cube + i] += sum;
+      }
+    }
+  });
+}
+
+// values (O, V, 2) (a real view of complex samples) and weights (O, V), each with the voxels
+// contiguous, rotations (O, 3, 3), coords (V, 3) -> added into acc (3, (2r+1)^3): the adjoint of
+// rotate on the cube, channels re, im, weight.
+void splat(const at::Tensor& values, const at::Tensor& weights, const at::Tensor& rotations,
+           const at::Tensor& coords, int64_t r, const at::Tensor& acc, bool simd) {
+  TORCH_CHECK(r >= 1 && 2 * r + 1 <= 1290, "radius 1 <= r, side 2r+1 <= 1290 (int32 index)");
+  const int64_t side = 2 * r + 1, O = rotations.size(0), V = coords.size(0);
+  TORCH_CHECK(rotations.dim() == 3 && rotations.size(1) == 3 && rotations.size(2) == 3
+                  && rotations.is_contiguous(), "rotations (O, 3, 3) contiguous");
+  TORCH_CHECK(coords.dim() == 2 && coords.size(1) == 3 && coords.is_contiguous(),
+              "coords (V, 3) contiguous");
+  TORCH_CHECK(values.dim() == 3 && values.size(0) == O && values.size(1) == V
+                  && values.size(2) == 2 && values.stride(2) == 1 && values.stride(1) == 2,
+              "values (O, V, 2) with the voxels contiguous");
+  TORCH_CHECK(weights.dim() == 2 && weights.size(0) == O && weights.size(1) == V
+                  && weights.stride(1) == 1, "weights (O, V) with the voxels contiguous");
+  TORCH_CHECK(acc.dim() == 2 && acc.size(0) == 3 && acc.size(1) == side * side * side
+                  && acc.is_contiguous(), "acc (3, (2r+1)^3) contiguous");
+  const auto dtype = acc.scalar_type();
+  TORCH_CHECK(values.scalar_type() == dtype && weights.scalar_type() == dtype
+                  && rotations.scalar_type() == dtype && coords.scalar_type() == dtype,
+              "one dtype for all arguments");
+  if (dtype == at::kFloat) {
+    splat_impl<float>(values, weights, rotations, coords, r, acc, simd);
+  } else {
+    TORCH_CHECK(dtype == at::kDouble, "float32 or float64");
+    splat_impl<double>(values, weights, rotations, coords, r, acc, simd);
+  }
+}
+
 // table (K, (2r+1)^3, 2), rotations (O, 3, 3), coords (V, 3), out (K, O, V, 2): real views of
 // the complex cube and samples, one dtype (float32 or float64), all on the CPU; simd = false
 // keeps to the baseline build (for tests of both).
@@ -197,5 +346,9 @@ TORCH_LIBRARY(denovo3d, m) {
   m.def(
       "rotate(Tensor table, Tensor rotations, Tensor coords, int r, Tensor(a!) out, "
       "bool simd=True) -> ()");
+  m.def(
+      "splat(Tensor values, Tensor weights, Tensor rotations, Tensor coords, int r, "
+      "Tensor(a!) acc, bool simd=True) -> ()");
   m.impl("rotate", c10::DispatchKey::CPU, TORCH_FN(rotate));
+  m.impl("splat", c10::DispatchKey::CPU, TORCH_FN(splat));
 }
