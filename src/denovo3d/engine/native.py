@@ -81,11 +81,11 @@ def load() -> Callable[..., None] | None:
     if _failure is not None:
         warnings.warn(
             "denovo3d: the native CPU projector could not be built, so the slower pure-torch "
-            f"path is used (about 5x slower E-step projections); reason: {_failure}. "
-            "Install a C++ compiler (g++) and ninja to build it, or set DENOVO3D_NATIVE=0 "
+            f"path is used (projections and back-projections 5-10x slower); reason: {_failure}."
+            " Install a C++ compiler (g++) and ninja to build it, or set DENOVO3D_NATIVE=0 "
             "to silence this.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,  # the projector's caller
         )
     return _op
 
