@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -40,7 +41,7 @@ constexpr int64_t kBlock = 256;  // voxels whose cells are found in one vectoris
 // (the torch path's torch.frac), flat index (z, y, x) into the cube of side 2r+1.
 template <typename T>
 D3D_INLINE void cells(const T* k, int64_t stride, int64_t n, const T* R, T shift, int32_t top,
-                      int32_t side, int32_t* idx, T* wx, T* wy, T* wz) {
+                      int32_t side, int32_t* idx, T* wx, T* wy, T* wz, int32_t* base_z = nullptr) {
   const T m00 = R[0], m01 = R[1], m02 = R[2];
   const T m10 = R[3], m11 = R[4], m12 = R[5];
   const T m20 = R[6], m21 = R[7], m22 = R[8];
@@ -58,6 +59,7 @@ D3D_INLINE void cells(const T* k, int64_t stride, int64_t n, const T* R, T shift
     const int32_t bx = std::min(std::max(tx, 0), top), by = std::min(std::max(ty, 0), top),
                   bz = std::min(std::max(tz, 0), top);
     idx[j] = (bz * side + by) * side + bx;
+    if (base_z != nullptr) base_z[j] = bz;
   }
 }
 
@@ -167,15 +169,17 @@ void rotate_impl(const at::Tensor& table, const at::Tensor& rotations, const at:
 // ---- splat: the adjoint, for the M-step's back-projection ----
 
 // Spreads one sample v = (re, im, weight, 0) over its cell's corners (the lerps' adjoint) into
-// acc (side^3, 4): corner (x, y, z) at c000, x+1 next to it.
+// acc (side^3, 4): corner (x, y, z) at c000, x+1 next to it; only the corners of the plane z
+// (lower) and z+1 (upper) that are asked for.
 template <typename T>
-D3D_INLINE void spread(T* c000, int64_t sy, int64_t sz, T wx, T wy, T wz, const T* v) {
+D3D_INLINE void spread(T* c000, int64_t sy, int64_t sz, T wx, T wy, T wz, const T* v, bool lower,
+                       bool upper) {
   for (int i = 0; i < 3; ++i) {
     const T z1 = v[i] * wz, z0 = v[i] - z1;
     const T y01 = z0 * wy, y00 = z0 - y01, y11 = z1 * wy, y10 = z1 - y11;
     const T rows[4] = {y00, y01, y10, y11};
     const int64_t off[4] = {0, sy, sz, sz + sy};
-    for (int q = 0; q < 4; ++q) {
+    for (int q = lower ? 0 : 2; q < (upper ? 4 : 2); ++q) {
       const T x1 = rows[q] * wx;
       c000[off[q] + i] += rows[q] - x1;
       c000[off[q] + 4 + i] += x1;
@@ -186,13 +190,13 @@ D3D_INLINE void spread(T* c000, int64_t sy, int64_t sz, T wx, T wy, T wz, const 
 #if defined(__SSE2__)
 template <>
 D3D_INLINE void spread<float>(float* c000, int64_t sy, int64_t sz, float wx, float wy, float wz,
-                              const float* v) {
+                              const float* v, bool lower, bool upper) {
   const __m128 s = _mm_loadu_ps(v), vy = _mm_set1_ps(wy), vx = _mm_set1_ps(wx);
   const __m128 z1 = _mm_mul_ps(s, _mm_set1_ps(wz)), z0 = _mm_sub_ps(s, z1);
   const __m128 y01 = _mm_mul_ps(z0, vy), y11 = _mm_mul_ps(z1, vy);
   const __m128 rows[4] = {_mm_sub_ps(z0, y01), y01, _mm_sub_ps(z1, y11), y11};
   float* dst[4] = {c000, c000 + sy, c000 + sz, c000 + sz + sy};
-  for (int q = 0; q < 4; ++q) {
+  for (int q = lower ? 0 : 2; q < (upper ? 4 : 2); ++q) {
     const __m128 x1 = _mm_mul_ps(rows[q], vx), x0 = _mm_sub_ps(rows[q], x1);
     _mm_storeu_ps(dst[q], _mm_add_ps(_mm_loadu_ps(dst[q]), x0));
     _mm_storeu_ps(dst[q] + 4, _mm_add_ps(_mm_loadu_ps(dst[q] + 4), x1));
@@ -206,35 +210,41 @@ struct Scatter {
   const T* weights;  // (O, V) with row stride weights_so
   const T* rot;      // (O, 3, 3)
   const T* k;        // (3, V)
-  int64_t V, values_so, weights_so, side;
+  int64_t O, V, values_so, weights_so, side;
   T shift;
 };
 
-// Orientations [o0, o1) added into acc (side^3, 4) interleaved (re, im, weight, 0).
+// Every sample added into acc (side^3, 4) interleaved (re, im, weight, 0), the planes
+// [z0, z1) of the cube only: each plane's sums in the same order whatever the slabs, so the
+// result does not depend on the number of threads.
 template <typename T>
-D3D_INLINE void splat_range(const Scatter<T>& p, T* acc, int64_t o0, int64_t o1) {
-  int32_t idx[kBlock];
+D3D_INLINE void splat_slab(const Scatter<T>& p, T* acc, int32_t z0, int32_t z1) {
+  int32_t idx[kBlock], base_z[kBlock];
   T wx[kBlock], wy[kBlock], wz[kBlock];
   const int32_t top = static_cast<int32_t>(p.side - 2), side = static_cast<int32_t>(p.side);
   const int64_t sy = 4 * p.side, sz = 4 * p.side * p.side;
-  for (int64_t o = o0; o < o1; ++o) {
+  for (int64_t o = 0; o < p.O; ++o) {
     const T* val = p.values + o * p.values_so;
     const T* wgt = p.weights + o * p.weights_so;
     for (int64_t v0 = 0; v0 < p.V; v0 += kBlock) {
       const int64_t n = std::min(kBlock, p.V - v0);
-      cells<T>(p.k + v0, p.V, n, p.rot + 9 * o, p.shift, top, side, idx, wx, wy, wz);
+      cells<T>(p.k + v0, p.V, n, p.rot + 9 * o, p.shift, top, side, idx, wx, wy, wz, base_z);
       for (int64_t j = 0; j < n; ++j) {
+        const bool lower = base_z[j] >= z0 && base_z[j] < z1;
+        const bool upper = base_z[j] + 1 >= z0 && base_z[j] + 1 < z1;
+        if (!lower && !upper) continue;
         const T v[4] = {val[2 * (v0 + j)], val[2 * (v0 + j) + 1], wgt[v0 + j], T(0)};
-        spread<T>(acc + 4 * static_cast<int64_t>(idx[j]), sy, sz, wx[j], wy[j], wz[j], v);
+        spread<T>(acc + 4 * static_cast<int64_t>(idx[j]), sy, sz, wx[j], wy[j], wz[j], v, lower,
+                  upper);
       }
     }
   }
 }
 
 #if D3D_X86
-__attribute__((target("avx2,fma"))) void splat_range_avx2(const Scatter<float>& p, float* acc,
-                                                          int64_t o0, int64_t o1) {
-  splat_range<float>(p, acc, o0, o1);
+__attribute__((target("avx2,fma"))) void splat_slab_avx2(const Scatter<float>& p, float* acc,
+                                                         int32_t z0, int32_t z1) {
+  splat_slab<float>(p, acc, z0, z1);
 }
 #endif
 
@@ -242,43 +252,55 @@ template <typename T>
 void splat_impl(const at::Tensor& values, const at::Tensor& weights, const at::Tensor& rotations,
                 const at::Tensor& coords, int64_t r, const at::Tensor& acc, bool simd) {
   const at::Tensor k_t = coords.t().contiguous();
-  const int64_t side = 2 * r + 1, n_cube = side * side * side, O = rotations.size(0);
-  Scatter<T> p{values.const_data_ptr<T>(), weights.const_data_ptr<T>(),
-               rotations.const_data_ptr<T>(), k_t.const_data_ptr<T>(),
-               coords.size(0), values.stride(0), weights.stride(0), side, static_cast<T>(r)};
+  const int64_t side = 2 * r + 1, n_cube = side * side * side;
+  Scatter<T> p{values.const_data_ptr<T>(),
+               weights.const_data_ptr<T>(),
+               rotations.const_data_ptr<T>(),
+               k_t.const_data_ptr<T>(),
+               rotations.size(0),
+               coords.size(0),
+               values.stride(0),
+               weights.stride(0),
+               side,
+               static_cast<T>(r)};
   bool avx2 = false;
 #if D3D_X86
   avx2 = simd && std::is_same_v<T, float> && __builtin_cpu_supports("avx2")
          && __builtin_cpu_supports("fma");
 #endif
-  // one interleaved accumulator per thread (no races), summed into acc (3, side^3) at the end;
-  // orientations split evenly over the threads
-  const int64_t n_parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), O));
-  at::Tensor parts = values.new_zeros({n_parts, n_cube, 4});
-  T* buf = parts.mutable_data_ptr<T>();
-  at::parallel_for(0, n_parts, 1, [&](int64_t t0, int64_t t1) {
+  // one slab of z planes per thread, each with about the same share of the sphere's samples
+  // (plane z holds ~ r^2 - (z - r)^2 of them); a thread finds every sample's cell but adds only
+  // the corners in its slab, so no two threads write the same element
+  const int64_t n_slabs = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), side));
+  std::vector<double> cum(side + 1, 0.0);
+  for (int64_t z = 0; z < side; ++z) {
+    cum[z + 1] = cum[z] + 1.0 + std::max<double>(0.0, double(r * r - (z - r) * (z - r)));
+  }
+  std::vector<int32_t> bounds(n_slabs + 1, 0);
+  for (int64_t t = 1; t < n_slabs; ++t) {
+    const double goal = cum[side] * double(t) / double(n_slabs);
+    bounds[t] = static_cast<int32_t>(std::lower_bound(cum.begin(), cum.end(), goal) - cum.begin());
+  }
+  bounds[n_slabs] = static_cast<int32_t>(side);
+  at::Tensor cube = values.new_zeros({n_cube, 4});
+  T* buf = cube.mutable_data_ptr<T>();
+  at::parallel_for(0, n_slabs, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t o0 = O * t / n_parts, o1 = O * (t + 1) / n_parts;
-      T* mine = buf + t * n_cube * 4;
 #if D3D_X86
       if constexpr (std::is_same_v<T, float>) {
         if (avx2) {
-          splat_range_avx2(p, mine, o0, o1);
+          splat_slab_avx2(p, buf, bounds[t], bounds[t + 1]);
           continue;
         }
       }
 #endif
-      splat_range<T>(p, mine, o0, o1);
+      splat_slab<T>(p, buf, bounds[t], bounds[t + 1]);
     }
   });
   T* dst = acc.mutable_data_ptr<T>();
   at::parallel_for(0, n_cube, 4096, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      for (int c = 0; c < 3; ++c) {
-        T sum = 0;
-        for (int64_t t = 0; t < n_parts; ++t) sum += buf[(t * n_cube + i) * 4 + c];
-        dst[c * n_cube + i] += sum;
-      }
+      for (int c = 0; c < 3; ++c) dst[c * n_cube + i] += buf[i * 4 + c];
     }
   });
 }
