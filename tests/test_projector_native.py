@@ -6,9 +6,12 @@ kernels cannot be built."""
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -244,3 +247,21 @@ def test_native_splat_equals_torch_scatter(op, monkeypatch: pytest.MonkeyPatch, 
     finally:
         torch.set_num_threads(threads)
     assert len(calls) == len(cases)  # the expected sums only
+
+
+def test_a_stale_build_lock_is_removed(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lock left by a process killed while building would make torch's loader wait forever: it
+    goes once it is old enough; a younger one is waited for."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = Path(_get_build_directory("denovo3d_native_test", verbose=False)) / "lock"
+    lock.touch()
+    old = time.time() - 2 * native._STALE_LOCK_S
+    os.utime(lock, (old, old))
+    native._await_build_lock("denovo3d_native_test")
+    assert not lock.exists()
+    lock.touch()
+    start = time.perf_counter()
+    native._await_build_lock("denovo3d_native_test", stale_s=0.3, poll_s=0.05)
+    assert not lock.exists() and time.perf_counter() - start >= 0.25

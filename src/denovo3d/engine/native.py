@@ -7,7 +7,8 @@
 ``torch.ops.denovo3d.rotate`` and ``torch.ops.denovo3d.splat``. The build directory is named
 after a hash of the source and of the torch version, so an upgrade of either builds afresh and
 never loads a stale library; torch's loader holds a file lock there, so processes that start
-together build it once. Where it cannot be built (no compiler, no ninja, any error) one
+together build it once (a lock left by a process killed while building is removed after ten
+minutes). Where it cannot be built (no compiler, no ninja, any error) one
 :class:`RuntimeWarning` says so and :func:`load` returns ``None``: the projector keeps its
 pure-torch paths (several times slower on the CPU; the paths CUDA always takes).
 ``DENOVO3D_NATIVE=0`` disables the kernels.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -43,11 +45,37 @@ def failure() -> str | None:
     return _failure
 
 
+# a build takes seconds: a lock this old was left by a process killed while building (SIGKILL,
+# SIGTERM), and torch's loader would wait for it forever
+_STALE_LOCK_S = 600.0
+
+
+def _await_build_lock(name: str, stale_s: float = _STALE_LOCK_S, poll_s: float = 0.5) -> None:
+    """Wait while another process holds the build lock of extension ``name``, and remove the lock
+    once it is ``stale_s`` old (its holder died); then torch's loader takes over."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    except (ImportError, OSError):
+        return  # a torch without this helper: its loader decides
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except OSError:
+            return  # no lock (any more)
+        if age > stale_s:
+            lock.unlink(missing_ok=True)
+            return
+        time.sleep(poll_s)
+
+
 def _build() -> Callable[..., None]:
     from torch.utils.cpp_extension import load_inline
 
     source = _SOURCE.read_text()
     tag = hashlib.sha256((torch.__version__ + "\0" + source).encode()).hexdigest()[:16]
+    _await_build_lock(f"denovo3d_native_{tag}")
     with warnings.catch_warnings():
         # the loader's own notes (compiler checks, deprecations) are no concern of the caller
         warnings.simplefilter("ignore")
