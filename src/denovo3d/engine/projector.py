@@ -24,6 +24,8 @@ from denovo3d.fourier import rfft_coords
 
 __all__ = ["backproject", "full_centred", "gather", "rotate", "splat"]
 
+_NATIVE_MAX_SIDE = 1290  # the native kernels' int32 cube index: side³ < 2³¹
+
 
 def _full_coords(box: int, device) -> torch.Tensor:
     axis = torch.arange(box, device=device) - box // 2
@@ -131,7 +133,7 @@ def rotate(
     table = _cube(full, r)  # (K, side³)
     if out is None:
         out = torch.empty((K, rotations.shape[0], V), dtype=table.dtype, device=full.device)
-    op = _native_op(table, coords, out)
+    op = _native_op(table, coords, out) if 2 * r + 1 <= _NATIVE_MAX_SIDE else None
     if op is None:
         return _rotate_torch(table, rotations, coords, r, chunk_points, out)
     rot = rotations.to(coords).contiguous()
@@ -209,7 +211,7 @@ def splat(
     r = max(1, math.ceil(radius))
     side = 2 * r + 1
     acc = torch.zeros((3, side**3), dtype=weights.dtype, device=weights.device)
-    op = _native_splat_op(values, weights, coords)
+    op = _native_splat_op(values, weights, coords) if side <= _NATIVE_MAX_SIDE else None
     if op is None:
         _splat_torch(values, weights, rotations, coords, r, chunk_points, acc)
     else:
