@@ -3,6 +3,8 @@ iteration as batch, box and angular sampling grow, peak memory, and quality on s
 
 Modes (all simulate their data with :mod:`denovo3d.simulate` first):
   gemm      torch.matmul float32 FLOP/s on this machine (square 2048 and a skinny E-step shape)
+  projector ns per sample of rotate (fresh and reused output) and splat at --box, 500
+            orientations, the native CPU kernel against the torch path (DENOVO3D_NATIVE=0)
   estep     one iteration at a given batch/box/sampling: E-step wall and CPU time, its useful
             FLOPs (every coarse pose, every child pose of the significant coarse samples),
             achieved FLOP per CPU second against matmul's measured right after it,
@@ -14,6 +16,7 @@ Modes (all simulate their data with :mod:`denovo3d.simulate` first):
 
 Usage:
   .venv/bin/python benchmarks/bench_refine.py gemm
+  .venv/bin/python benchmarks/bench_refine.py projector --box 64
   .venv/bin/python benchmarks/bench_refine.py estep --batch 200 --box 64
   .venv/bin/python benchmarks/bench_refine.py scaling
   .venv/bin/python benchmarks/bench_refine.py job [--n 1000 --box 64 --iter 100 --snr 0.1]
@@ -23,6 +26,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import tempfile
 import time
@@ -63,6 +67,44 @@ def gemm_rate(device: torch.device = CPU, n: int = 2048, repeat: int = 5) -> dic
             a @ b
         out[name] = 2 * m * k * p * repeat / (_clock(device) - t)
     return out
+
+
+def projector_rates(device: torch.device = CPU, box: int = 64, n_orient: int = 500) -> None:
+    """Prints ns per sample (per CPU second on the CPU) of ``rotate`` into a fresh output (its
+    pages faulted in, as a new array is) and into a reused one, and of ``splat``, for the native
+    kernel and the torch path, at ``n_orient`` random orientations of the voxels below Nyquist."""
+    from denovo3d.engine.projector import full_centred, rotate, splat
+    from denovo3d.fourier import rfft_coords
+    from denovo3d.geometry.euler import random_rotations
+
+    gen = torch.Generator().manual_seed(0)
+    half = torch.fft.rfftn(torch.randn(1, box, box, box, generator=gen), dim=(-3, -2, -1))
+    full = full_centred(half).to(device)
+    k = rfft_coords(box).float()
+    coords = k[k.norm(dim=-1) < box // 2].contiguous().to(device)
+    rots = random_rotations(n_orient, gen).float().to(device)
+    samples = n_orient * coords.shape[0]
+    paths = ("native", "torch") if device.type == "cpu" else ("torch",)
+    for path in paths:
+        os.environ["DENOVO3D_NATIVE"] = "1" if path == "native" else "0"
+        rotate(full, rots[:10], coords, box // 2)  # the native kernel built or loaded
+        t = _clock(device)
+        out = rotate(full, rots, coords, box // 2)
+        fresh = _clock(device) - t
+        rotate(full, rots, coords, box // 2, out=out)
+        t = _clock(device)
+        rotate(full, rots, coords, box // 2, out=out)
+        reused = _clock(device) - t
+        values, weights = out[0], out[0].real.contiguous()
+        t = _clock(device)
+        splat(values, weights, rots, coords, box // 2, box)
+        back = _clock(device) - t
+        print(
+            f"{path:6s} box {box}, {n_orient} orientations x {coords.shape[0]} voxels: rotate "
+            f"{fresh / samples * 1e9:.1f} ns a sample (fresh output), "
+            f"{reused / samples * 1e9:.1f} ns (reused); splat {back / samples * 1e9:.1f} ns"
+        )
+    os.environ.pop("DENOVO3D_NATIVE", None)
 
 
 def fine_flops(coarse_sig: torch.Tensor, n_voxels: int) -> float:
@@ -228,7 +270,7 @@ def job(args, project: dict, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["gemm", "estep", "scaling", "job"])
+    parser.add_argument("mode", choices=["gemm", "projector", "estep", "scaling", "job"])
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--box", type=int, default=64)
     parser.add_argument("--pixel_size", type=float, default=5.4)
@@ -254,6 +296,9 @@ def main() -> None:
     if args.mode == "gemm":
         for name, rate in gemm_rate(device).items():
             print(f"matmul float32 {name}: {rate / 1e9:.1f} GFLOP per {unit}")
+        return
+    if args.mode == "projector":
+        projector_rates(device, args.box)
         return
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)

@@ -4,6 +4,7 @@ read (relion_reconstruct, relion_align_symmetry; Debian's RELION 3.1, skipped wh
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import subprocess
@@ -207,7 +208,14 @@ def test_abort_file_stops_the_run_then_continue_finishes_it(
     killed, full = Path("Abort/job001/run"), Path("Abort/job002/run")
     command = [sys.executable, "-m", "denovo3d", *_refine_argv(killed, n_iter)]
     command += ["--pipeline_control", "Abort/job001/"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the code under test, whatever the working directory (a relative PYTHONPATH would not be)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), *sys.path]),
+    }
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     checkpoint, trigger = Path(f"{killed}_checkpoint.pt"), Path("Abort/job001", ABORT_NOW)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:

@@ -3,8 +3,9 @@
 References are held as full, centred Fourier volumes with re/im as two channels,
 ``(K, 2, S, S, S)`` float, index ``k + S/2`` (z, y, x). :func:`gather` samples at ``k @ A`` with
 one ``grid_sample`` call (trilinear, zeros outside); :func:`rotate` computes the same samples for
-many rotations several times faster (the E-step's hot path: one GEMM for the coordinates, eight
-1-D gathers of complex corners, three ``lerp``); back-projection is ``grid_sample``'s adjoint
+many rotations many times faster (the E-step's hot path: on the CPU one fused C++ loop from
+:mod:`denovo3d.engine.native`; on CUDA, or without a compiler, one GEMM for the coordinates,
+eight 1-D gathers of complex corners, three ``lerp``); back-projection is ``grid_sample``'s adjoint
 (``grid_sampler_3d_backward``) followed by a Friedel fold to the ``rfftn`` half grid. All match
 :func:`denovo3d.fourier.sample_rfft` / :func:`~denovo3d.fourier.splat_rfft` (+ the ``kx = 0``
 completion) inside the Nyquist sphere, at a fraction of the cost.
@@ -13,14 +14,17 @@ completion) inside the Nyquist sphere, at a fraction of the cost.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.nn import functional
 
+from denovo3d.engine import native
 from denovo3d.fourier import rfft_coords
 
 __all__ = ["backproject", "full_centred", "gather", "rotate", "splat"]
+
+_NATIVE_MAX_SIDE = 1290  # the native kernels' int32 cube index: side³ < 2³¹
 
 
 def _full_coords(box: int, device) -> torch.Tensor:
@@ -119,22 +123,64 @@ def rotate(
     ``(K, O, V)`` complex (written into ``out`` if given); equals :func:`gather` (zeros outside
     the volume).
 
-    The corners of a cell are eight 1-D gathers from the flattened cube around the centre
-    (offset views: no index arithmetic per corner), weighted by three ``lerp``; orientations (or
-    voxels) go by chunks of about ``chunk_points`` samples so that the temporaries stay in
-    cache.
+    On the CPU (float32 or float64) one fused C++ loop does it (:mod:`.native`: coordinate,
+    cell, eight corners, three lerps per sample, about 10x faster); elsewhere, or where that
+    kernel cannot be built or ``DENOVO3D_NATIVE=0``, the torch path :func:`_rotate_torch` with
+    the same cube and cells (``chunk_points`` sizes its chunks).
     """
     K, V = full.shape[0], coords.shape[0]
     r = max(1, math.ceil(radius))
     table = _cube(full, r)  # (K, side³)
-    offsets = _corner_offsets(2 * r + 1)
-    n_base = table.shape[1] - offsets[-1]
     if out is None:
         out = torch.empty((K, rotations.shape[0], V), dtype=table.dtype, device=full.device)
+    op = _native_op(table, coords, out) if 2 * r + 1 <= _NATIVE_MAX_SIDE else None
+    if op is None:
+        return _rotate_torch(table, rotations, coords, r, chunk_points, out)
+    rot = rotations.to(coords).contiguous()
+    op(torch.view_as_real(table), rot, coords.contiguous(), r, torch.view_as_real(out))
+    return out
+
+
+def _native_op(
+    table: torch.Tensor, coords: torch.Tensor, out: torch.Tensor
+) -> Callable[..., None] | None:
+    """The compiled kernel where it applies (CPU, float32/64 throughout, no autograd, voxels
+    contiguous in ``out``), else ``None``."""
+    if not (
+        table.device.type == "cpu"
+        and coords.device.type == "cpu"
+        and out.device.type == "cpu"
+        and table.dtype in (torch.complex64, torch.complex128)
+        and out.dtype == table.dtype
+        and coords.dtype == table.real.dtype
+        and out.dim() == 3
+        and out.stride(-1) == 1
+        and not (torch.is_grad_enabled() and (table.requires_grad or out.requires_grad))
+        and native.enabled()
+    ):
+        return None
+    return native.load()
+
+
+def _rotate_torch(
+    table: torch.Tensor,
+    rotations: torch.Tensor,
+    coords: torch.Tensor,
+    r: int,
+    chunk_points: int,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`rotate` from torch ops (the CUDA path): the corners of a cell are eight 1-D gathers
+    from the flattened cube ``table (K, (2r+1)³)`` (offset views: no index arithmetic per
+    corner), weighted by three ``lerp``; orientations (or voxels) go by chunks of about
+    ``chunk_points`` samples so that the temporaries stay in cache."""
+    K = table.shape[0]
+    offsets = _corner_offsets(2 * r + 1)
+    n_base = table.shape[1] - offsets[-1]
     for o_sl, v_sl, idx, frac in _cells(rotations, coords, r, chunk_points):
         wx, wy, wz = frac.unbind(1)  # (o, n, 2) each
         for k in range(K):
-            corners = torch.empty((8, idx.numel()), dtype=table.dtype, device=full.device)
+            corners = torch.empty((8, idx.numel()), dtype=table.dtype, device=table.device)
             for c, off in enumerate(offsets):
                 torch.index_select(table[k, off : off + n_base], 0, idx, out=corners[c])
             g = torch.view_as_real(corners).view(8, *wx.shape)  # corner dz·4 + dy·2 + dx
@@ -158,13 +204,61 @@ def splat(
     (``S = box``).
 
     The three channels (re, im, weight) are spread over the eight corners by the lerp weights'
-    adjoint and added with ``scatter_add_`` into the flattened cube around the centre, several
-    times faster than ``grid_sampler_3d_backward``.
+    adjoint and added into the flattened cube around the centre: on the CPU by one fused C++
+    loop (:mod:`.native`), elsewhere (or with ``DENOVO3D_NATIVE=0``) with ``scatter_add_``
+    (:func:`_splat_torch`), several times faster than ``grid_sampler_3d_backward``.
     """
     r = max(1, math.ceil(radius))
     side = 2 * r + 1
-    offsets = _corner_offsets(side)
     acc = torch.zeros((3, side**3), dtype=weights.dtype, device=weights.device)
+    op = _native_splat_op(values, weights, coords) if side <= _NATIVE_MAX_SIDE else None
+    if op is None:
+        _splat_torch(values, weights, rotations, coords, r, chunk_points, acc)
+    else:
+        rot = rotations.to(coords).contiguous()
+        op(torch.view_as_real(values), weights, rot, coords.contiguous(), r, acc)
+    full = torch.zeros((3, box, box, box), dtype=acc.dtype, device=acc.device)
+    lo = box // 2 - r
+    a, b = max(lo, 0), min(lo + side, box)  # the cube's part inside the volume
+    cube = acc.view(3, side, side, side)[:, a - lo : b - lo, a - lo : b - lo, a - lo : b - lo]
+    full[:, a:b, a:b, a:b] = cube
+    return _fold(torch.complex(full[0], full[1])), _fold(full[2])
+
+
+def _native_splat_op(
+    values: torch.Tensor, weights: torch.Tensor, coords: torch.Tensor
+) -> Callable[..., None] | None:
+    """The compiled scatter where it applies (CPU, float32/64 throughout, no autograd, voxels
+    contiguous), else ``None``."""
+    if not (
+        values.device.type == "cpu"
+        and weights.device.type == "cpu"
+        and coords.device.type == "cpu"
+        and weights.dtype in (torch.float32, torch.float64)
+        and values.dtype == weights.dtype.to_complex()
+        and coords.dtype == weights.dtype
+        and values.dim() == 2
+        and values.stride(-1) == 1
+        and weights.dim() == 2
+        and weights.stride(-1) == 1
+        and not (torch.is_grad_enabled() and (values.requires_grad or weights.requires_grad))
+        and native.enabled()
+    ):
+        return None
+    return native.load_splat()
+
+
+def _splat_torch(
+    values: torch.Tensor,
+    weights: torch.Tensor,
+    rotations: torch.Tensor,
+    coords: torch.Tensor,
+    r: int,
+    chunk_points: int,
+    acc: torch.Tensor,
+) -> None:
+    """:func:`splat` from torch ops into ``acc (3, (2r+1)³)`` (the CUDA path)."""
+    offsets = _corner_offsets(2 * r + 1)
     n_base = acc.shape[1] - offsets[-1]
     for o_sl, v_sl, idx, frac in _cells(rotations, coords, r, chunk_points):
         ch = torch.stack([values[o_sl, v_sl].real, values[o_sl, v_sl].imag, weights[o_sl, v_sl]])
@@ -180,12 +274,6 @@ def splat(
         index = idx.expand(3, -1)
         for k, off in enumerate(offsets):
             acc[:, off : off + n_base].scatter_add_(1, index, corners[k])
-    full = torch.zeros((3, box, box, box), dtype=acc.dtype, device=acc.device)
-    lo = box // 2 - r
-    a, b = max(lo, 0), min(lo + side, box)  # the cube's part inside the volume
-    cube = acc.view(3, side, side, side)[:, a - lo : b - lo, a - lo : b - lo, a - lo : b - lo]
-    full[:, a:b, a:b, a:b] = cube
-    return _fold(torch.complex(full[0], full[1])), _fold(full[2])
 
 
 def backproject(values: torch.Tensor, coords: torch.Tensor, box: int) -> torch.Tensor:

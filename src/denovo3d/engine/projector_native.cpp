@@ -1,0 +1,376 @@
+// Fused trilinear rotation of full centred Fourier volumes: the CPU kernel behind
+// denovo3d.engine.projector.rotate, compiled at first use by denovo3d.engine.native.
+//
+// One loop per orientation and block of voxels: the rotated frequency, its cell in the cube
+// around the centre (base clamped to [0, 2r-1] like the torch path), the eight corners and
+// three lerps, stored straight into the output. The cube of one class (~2 MB at box 64) stays
+// in cache; no (O, V, 3) temporaries.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+// x86-64 with GCC or clang: an AVX2 + FMA build of the loop besides the baseline (SSE2) one
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define D3D_X86 1
+#else
+#define D3D_X86 0
+#endif
+
+// inlined into its caller and compiled for the caller's instruction set
+#if defined(__GNUC__) || defined(__clang__)
+#define D3D_INLINE inline __attribute__((always_inline))
+#else
+#define D3D_INLINE inline
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 256;  // voxels whose cells are found in one vectorisable pass
+
+// Cells of a block of voxels: p = k A + r, base = clamp(trunc(p), 0, 2r-1), weights p - trunc(p)
+// (the torch path's torch.frac), flat index (z, y, x) into the cube of side 2r+1.
+template <typename T>
+D3D_INLINE void cells(const T* k, int64_t stride, int64_t n, const T* R, T shift, int32_t top,
+                      int32_t side, int32_t* idx, T* wx, T* wy, T* wz, int32_t* base_z = nullptr) {
+  const T m00 = R[0], m01 = R[1], m02 = R[2];
+  const T m10 = R[3], m11 = R[4], m12 = R[5];
+  const T m20 = R[6], m21 = R[7], m22 = R[8];
+  for (int64_t j = 0; j < n; ++j) {
+    const T kx = k[j], ky = k[stride + j], kz = k[2 * stride + j];
+    const T px = kx * m00 + ky * m10 + kz * m20 + shift;
+    const T py = kx * m01 + ky * m11 + kz * m21 + shift;
+    const T pz = kx * m02 + ky * m12 + kz * m22 + shift;
+    // rounding toward zero through int32: |p| is a few times r, far below 2^31
+    const int32_t tx = static_cast<int32_t>(px), ty = static_cast<int32_t>(py),
+                  tz = static_cast<int32_t>(pz);
+    wx[j] = px - static_cast<T>(tx);
+    wy[j] = py - static_cast<T>(ty);
+    wz[j] = pz - static_cast<T>(tz);
+    const int32_t bx = std::min(std::max(tx, 0), top), by = std::min(std::max(ty, 0), top),
+                  bz = std::min(std::max(tz, 0), top);
+    idx[j] = (bz * side + by) * side + bx;
+    if (base_z != nullptr) base_z[j] = bz;
+  }
+}
+
+// One sample: c000 points at the cell's corner (x, y, z) of an interleaved complex cube.
+template <typename T>
+D3D_INLINE void sample(const T* c000, int64_t sy, int64_t sz, T wx, T wy, T wz, T* dst) {
+  for (int i = 0; i < 2; ++i) {
+    const T* c = c000 + i;
+    const T a0 = c[0] + wy * (c[sy] - c[0]);                     // x, z
+    const T a1 = c[2] + wy * (c[sy + 2] - c[2]);                 // x+1, z
+    const T b0 = c[sz] + wy * (c[sz + sy] - c[sz]);              // x, z+1
+    const T b1 = c[sz + 2] + wy * (c[sz + sy + 2] - c[sz + 2]);  // x+1, z+1
+    const T e0 = a0 + wz * (b0 - a0), e1 = a1 + wz * (b1 - a1);
+    dst[i] = e0 + wx * (e1 - e0);
+  }
+}
+
+#if defined(__SSE2__)
+// float: the corners x and x+1 of a row are one 128-bit load (re, im, re, im); lerp along y
+// and z on the pairs, then along x.
+template <>
+D3D_INLINE void sample<float>(const float* c000, int64_t sy, int64_t sz, float wx, float wy,
+                              float wz, float* dst) {
+  const __m128 vy = _mm_set1_ps(wy), vz = _mm_set1_ps(wz), vx = _mm_set1_ps(wx);
+  const __m128 q00 = _mm_loadu_ps(c000), q01 = _mm_loadu_ps(c000 + sy);
+  const __m128 q10 = _mm_loadu_ps(c000 + sz), q11 = _mm_loadu_ps(c000 + sz + sy);
+  const __m128 a = _mm_add_ps(q00, _mm_mul_ps(vy, _mm_sub_ps(q01, q00)));
+  const __m128 b = _mm_add_ps(q10, _mm_mul_ps(vy, _mm_sub_ps(q11, q10)));
+  const __m128 e = _mm_add_ps(a, _mm_mul_ps(vz, _mm_sub_ps(b, a)));
+  const __m128 h = _mm_movehl_ps(e, e);
+  const __m128 s = _mm_add_ps(e, _mm_mul_ps(vx, _mm_sub_ps(h, e)));
+  _mm_storel_pi(reinterpret_cast<__m64*>(dst), s);
+}
+#endif
+
+// The problem, in elements of T (complex numbers interleaved re, im).
+template <typename T>
+struct Problem {
+  const T* cube;  // (K, side^3, 2)
+  const T* rot;   // (O, 3, 3)
+  const T* k;     // (3, V)
+  T* out;         // (K, O, V, 2) with strides out_sk, out_so
+  int64_t K, n_cube, V, out_sk, out_so, side;
+  T shift;  // r: the cube's centre
+};
+
+// Orientations [o0, o1): per block of voxels the cells once, then the samples of every class.
+template <typename T>
+D3D_INLINE void rotate_range(const Problem<T>& p, int64_t o0, int64_t o1) {
+  int32_t idx[kBlock];
+  T wx[kBlock], wy[kBlock], wz[kBlock];
+  const int32_t top = static_cast<int32_t>(p.side - 2), side = static_cast<int32_t>(p.side);
+  const int64_t sy = 2 * p.side, sz = 2 * p.side * p.side;
+  for (int64_t o = o0; o < o1; ++o) {
+    for (int64_t v0 = 0; v0 < p.V; v0 += kBlock) {
+      const int64_t n = std::min(kBlock, p.V - v0);
+      cells<T>(p.k + v0, p.V, n, p.rot + 9 * o, p.shift, top, side, idx, wx, wy, wz);
+      for (int64_t c = 0; c < p.K; ++c) {
+        const T* cube = p.cube + 2 * c * p.n_cube;
+        T* row = p.out + c * p.out_sk + o * p.out_so + 2 * v0;
+        for (int64_t j = 0; j < n; ++j) {
+          sample<T>(cube + 2 * static_cast<int64_t>(idx[j]), sy, sz, wx[j], wy[j], wz[j],
+                    row + 2 * j);
+        }
+      }
+    }
+  }
+}
+
+#if D3D_X86
+// The same loop compiled for AVX2 + FMA (8-wide cells, fused lerps), chosen at run time.
+__attribute__((target("avx2,fma"))) void rotate_range_avx2(const Problem<float>& p, int64_t o0,
+                                                           int64_t o1) {
+  rotate_range<float>(p, o0, o1);
+}
+#endif
+
+template <typename T>
+void rotate_impl(const at::Tensor& table, const at::Tensor& rotations, const at::Tensor& coords,
+                 int64_t r, const at::Tensor& out, bool simd) {
+  const at::Tensor k_t = coords.t().contiguous();  // (3, V): unit-stride loads for the cells
+  Problem<T> p{table.const_data_ptr<T>(), rotations.const_data_ptr<T>(),
+               k_t.const_data_ptr<T>(),   out.mutable_data_ptr<T>(),
+               table.size(0),             table.size(1),
+               coords.size(0),            out.stride(0),
+               out.stride(1),             2 * r + 1,
+               static_cast<T>(r)};
+  bool avx2 = false;
+#if D3D_X86
+  avx2 = simd && std::is_same_v<T, float> && __builtin_cpu_supports("avx2")
+         && __builtin_cpu_supports("fma");
+#endif
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(p.V * p.K, 1));
+  at::parallel_for(0, rotations.size(0), grain, [&](int64_t o0, int64_t o1) {
+#if D3D_X86
+    if constexpr (std::is_same_v<T, float>) {
+      if (avx2) {
+        rotate_range_avx2(p, o0, o1);
+        return;
+      }
+    }
+#endif
+    rotate_range<T>(p, o0, o1);
+  });
+}
+
+// ---- splat: the adjoint, for the M-step's back-projection ----
+
+// Spreads one sample v = (re, im, weight, 0) over its cell's corners (the lerps' adjoint) into
+// acc (side^3, 4): corner (x, y, z) at c000, x+1 next to it; only the corners of the plane z
+// (lower) and z+1 (upper) that are asked for.
+template <typename T>
+D3D_INLINE void spread(T* c000, int64_t sy, int64_t sz, T wx, T wy, T wz, const T* v, bool lower,
+                       bool upper) {
+  for (int i = 0; i < 3; ++i) {
+    const T z1 = v[i] * wz, z0 = v[i] - z1;
+    const T y01 = z0 * wy, y00 = z0 - y01, y11 = z1 * wy, y10 = z1 - y11;
+    const T rows[4] = {y00, y01, y10, y11};
+    const int64_t off[4] = {0, sy, sz, sz + sy};
+    for (int q = lower ? 0 : 2; q < (upper ? 4 : 2); ++q) {
+      const T x1 = rows[q] * wx;
+      c000[off[q] + i] += rows[q] - x1;
+      c000[off[q] + 4 + i] += x1;
+    }
+  }
+}
+
+#if defined(__SSE2__)
+template <>
+D3D_INLINE void spread<float>(float* c000, int64_t sy, int64_t sz, float wx, float wy, float wz,
+                              const float* v, bool lower, bool upper) {
+  const __m128 s = _mm_loadu_ps(v), vy = _mm_set1_ps(wy), vx = _mm_set1_ps(wx);
+  const __m128 z1 = _mm_mul_ps(s, _mm_set1_ps(wz)), z0 = _mm_sub_ps(s, z1);
+  const __m128 y01 = _mm_mul_ps(z0, vy), y11 = _mm_mul_ps(z1, vy);
+  const __m128 rows[4] = {_mm_sub_ps(z0, y01), y01, _mm_sub_ps(z1, y11), y11};
+  float* dst[4] = {c000, c000 + sy, c000 + sz, c000 + sz + sy};
+  for (int q = lower ? 0 : 2; q < (upper ? 4 : 2); ++q) {
+    const __m128 x1 = _mm_mul_ps(rows[q], vx), x0 = _mm_sub_ps(rows[q], x1);
+    _mm_storeu_ps(dst[q], _mm_add_ps(_mm_loadu_ps(dst[q]), x0));
+    _mm_storeu_ps(dst[q] + 4, _mm_add_ps(_mm_loadu_ps(dst[q] + 4), x1));
+  }
+}
+#endif
+
+template <typename T>
+struct Scatter {
+  const T* values;   // (O, V, 2) with row stride values_so
+  const T* weights;  // (O, V) with row stride weights_so
+  const T* rot;      // (O, 3, 3)
+  const T* k;        // (3, V)
+  int64_t O, V, values_so, weights_so, side;
+  T shift;
+};
+
+// Every sample added into acc (side^3, 4) interleaved (re, im, weight, 0), the planes
+// [z0, z1) of the cube only: each plane's sums in the same order whatever the slabs, so the
+// result does not depend on the number of threads.
+template <typename T>
+D3D_INLINE void splat_slab(const Scatter<T>& p, T* acc, int32_t z0, int32_t z1) {
+  int32_t idx[kBlock], base_z[kBlock];
+  T wx[kBlock], wy[kBlock], wz[kBlock];
+  const int32_t top = static_cast<int32_t>(p.side - 2), side = static_cast<int32_t>(p.side);
+  const int64_t sy = 4 * p.side, sz = 4 * p.side * p.side;
+  for (int64_t o = 0; o < p.O; ++o) {
+    const T* val = p.values + o * p.values_so;
+    const T* wgt = p.weights + o * p.weights_so;
+    for (int64_t v0 = 0; v0 < p.V; v0 += kBlock) {
+      const int64_t n = std::min(kBlock, p.V - v0);
+      cells<T>(p.k + v0, p.V, n, p.rot + 9 * o, p.shift, top, side, idx, wx, wy, wz, base_z);
+      for (int64_t j = 0; j < n; ++j) {
+        const bool lower = base_z[j] >= z0 && base_z[j] < z1;
+        const bool upper = base_z[j] + 1 >= z0 && base_z[j] + 1 < z1;
+        if (!lower && !upper) continue;
+        const T v[4] = {val[2 * (v0 + j)], val[2 * (v0 + j) + 1], wgt[v0 + j], T(0)};
+        spread<T>(acc + 4 * static_cast<int64_t>(idx[j]), sy, sz, wx[j], wy[j], wz[j], v, lower,
+                  upper);
+      }
+    }
+  }
+}
+
+#if D3D_X86
+__attribute__((target("avx2,fma"))) void splat_slab_avx2(const Scatter<float>& p, float* acc,
+                                                         int32_t z0, int32_t z1) {
+  splat_slab<float>(p, acc, z0, z1);
+}
+#endif
+
+template <typename T>
+void splat_impl(const at::Tensor& values, const at::Tensor& weights, const at::Tensor& rotations,
+                const at::Tensor& coords, int64_t r, const at::Tensor& acc, bool simd) {
+  const at::Tensor k_t = coords.t().contiguous();
+  const int64_t side = 2 * r + 1, n_cube = side * side * side;
+  Scatter<T> p{values.const_data_ptr<T>(),
+               weights.const_data_ptr<T>(),
+               rotations.const_data_ptr<T>(),
+               k_t.const_data_ptr<T>(),
+               rotations.size(0),
+               coords.size(0),
+               values.stride(0),
+               weights.stride(0),
+               side,
+               static_cast<T>(r)};
+  bool avx2 = false;
+#if D3D_X86
+  avx2 = simd && std::is_same_v<T, float> && __builtin_cpu_supports("avx2")
+         && __builtin_cpu_supports("fma");
+#endif
+  // one slab of z planes per thread, each with about the same share of the sphere's samples
+  // (plane z holds ~ r^2 - (z - r)^2 of them); a thread finds every sample's cell but adds only
+  // the corners in its slab, so no two threads write the same element
+  const int64_t n_slabs = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), side));
+  std::vector<double> cum(side + 1, 0.0);
+  for (int64_t z = 0; z < side; ++z) {
+    cum[z + 1] = cum[z] + 1.0 + std::max<double>(0.0, double(r * r - (z - r) * (z - r)));
+  }
+  std::vector<int32_t> bounds(n_slabs + 1, 0);
+  for (int64_t t = 1; t < n_slabs; ++t) {
+    const double goal = cum[side] * double(t) / double(n_slabs);
+    bounds[t] = static_cast<int32_t>(std::lower_bound(cum.begin(), cum.end(), goal) - cum.begin());
+  }
+  bounds[n_slabs] = static_cast<int32_t>(side);
+  at::Tensor cube = values.new_zeros({n_cube, 4});
+  T* buf = cube.mutable_data_ptr<T>();
+  at::parallel_for(0, n_slabs, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+#if D3D_X86
+      if constexpr (std::is_same_v<T, float>) {
+        if (avx2) {
+          splat_slab_avx2(p, buf, bounds[t], bounds[t + 1]);
+          continue;
+        }
+      }
+#endif
+      splat_slab<T>(p, buf, bounds[t], bounds[t + 1]);
+    }
+  });
+  T* dst = acc.mutable_data_ptr<T>();
+  at::parallel_for(0, n_cube, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int c = 0; c < 3; ++c) dst[c * n_cube + i] += buf[i * 4 + c];
+    }
+  });
+}
+
+// values (O, V, 2) (a real view of complex samples) and weights (O, V), each with the voxels
+// contiguous, rotations (O, 3, 3), coords (V, 3) -> added into acc (3, (2r+1)^3): the adjoint of
+// rotate on the cube, channels re, im, weight.
+void splat(const at::Tensor& values, const at::Tensor& weights, const at::Tensor& rotations,
+           const at::Tensor& coords, int64_t r, const at::Tensor& acc, bool simd) {
+  TORCH_CHECK(r >= 1 && 2 * r + 1 <= 1290, "radius 1 <= r, side 2r+1 <= 1290 (int32 index)");
+  const int64_t side = 2 * r + 1, O = rotations.size(0), V = coords.size(0);
+  TORCH_CHECK(rotations.dim() == 3 && rotations.size(1) == 3 && rotations.size(2) == 3
+                  && rotations.is_contiguous(), "rotations (O, 3, 3) contiguous");
+  TORCH_CHECK(coords.dim() == 2 && coords.size(1) == 3 && coords.is_contiguous(),
+              "coords (V, 3) contiguous");
+  TORCH_CHECK(values.dim() == 3 && values.size(0) == O && values.size(1) == V
+                  && values.size(2) == 2 && values.stride(2) == 1 && values.stride(1) == 2,
+              "values (O, V, 2) with the voxels contiguous");
+  TORCH_CHECK(weights.dim() == 2 && weights.size(0) == O && weights.size(1) == V
+                  && weights.stride(1) == 1, "weights (O, V) with the voxels contiguous");
+  TORCH_CHECK(acc.dim() == 2 && acc.size(0) == 3 && acc.size(1) == side * side * side
+                  && acc.is_contiguous(), "acc (3, (2r+1)^3) contiguous");
+  const auto dtype = acc.scalar_type();
+  TORCH_CHECK(values.scalar_type() == dtype && weights.scalar_type() == dtype
+                  && rotations.scalar_type() == dtype && coords.scalar_type() == dtype,
+              "one dtype for all arguments");
+  if (dtype == at::kFloat) {
+    splat_impl<float>(values, weights, rotations, coords, r, acc, simd);
+  } else {
+    TORCH_CHECK(dtype == at::kDouble, "float32 or float64");
+    splat_impl<double>(values, weights, rotations, coords, r, acc, simd);
+  }
+}
+
+// table (K, (2r+1)^3, 2), rotations (O, 3, 3), coords (V, 3), out (K, O, V, 2): real views of
+// the complex cube and samples, one dtype (float32 or float64), all on the CPU; simd = false
+// keeps to the baseline build (for tests of both).
+void rotate(const at::Tensor& table, const at::Tensor& rotations, const at::Tensor& coords,
+            int64_t r, const at::Tensor& out, bool simd) {
+  TORCH_CHECK(r >= 1 && 2 * r + 1 <= 1290, "radius 1 <= r, side 2r+1 <= 1290 (int32 index)");
+  const int64_t side = 2 * r + 1;
+  TORCH_CHECK(table.dim() == 3 && table.size(1) == side * side * side && table.size(2) == 2
+                  && table.is_contiguous(), "table (K, (2r+1)^3, 2) contiguous");
+  TORCH_CHECK(rotations.dim() == 3 && rotations.size(1) == 3 && rotations.size(2) == 3
+                  && rotations.is_contiguous(), "rotations (O, 3, 3) contiguous");
+  TORCH_CHECK(coords.dim() == 2 && coords.size(1) == 3 && coords.is_contiguous(),
+              "coords (V, 3) contiguous");
+  TORCH_CHECK(out.dim() == 4 && out.size(0) == table.size(0) && out.size(1) == rotations.size(0)
+                  && out.size(2) == coords.size(0) && out.size(3) == 2 && out.stride(3) == 1
+                  && out.stride(2) == 2, "out (K, O, V, 2) with the voxels contiguous");
+  const auto dtype = table.scalar_type();
+  TORCH_CHECK(rotations.scalar_type() == dtype && coords.scalar_type() == dtype
+                  && out.scalar_type() == dtype, "one dtype for all arguments");
+  if (dtype == at::kFloat) {
+    rotate_impl<float>(table, rotations, coords, r, out, simd);
+  } else {
+    TORCH_CHECK(dtype == at::kDouble, "float32 or float64");
+    rotate_impl<double>(table, rotations, coords, r, out, simd);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(denovo3d, m) {
+  m.def(
+      "rotate(Tensor table, Tensor rotations, Tensor coords, int r, Tensor(a!) out, "
+      "bool simd=True) -> ()");
+  m.def(
+      "splat(Tensor values, Tensor weights, Tensor rotations, Tensor coords, int r, "
+      "Tensor(a!) acc, bool simd=True) -> ()");
+  m.impl("rotate", c10::DispatchKey::CPU, TORCH_FN(rotate));
+  m.impl("splat", c10::DispatchKey::CPU, TORCH_FN(splat));
+}
