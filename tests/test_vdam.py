@@ -117,3 +117,20 @@ def test_reseed_copies_the_largest_class_into_an_empty_one() -> None:
     assert float(refs[2].mean()) == 0.0  # the copy of class 1 (index 0)
     assert pdf.tolist() == pytest.approx([0.3 / 0.99, 0.39 / 0.99, 0.3 / 0.99])
     assert float(mom.m1[2, 0].real.mean()) == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("box", [24, 25])
+def test_mask_particles_is_relions_soft_mask_outside_on_the_centred_map(box: int) -> None:
+    """The Fourier-frame shortcut of ``mask_particles`` equals the plain definition: the centred
+    map, outside a soft sphere set to its edge zone's mean (``softMaskOutsideMap``), transformed
+    back. The particle's density is off-centre so that a wrong frame of the mask would show."""
+    from denovo3d.engine.references import mask_particles, soft_mask_outside
+    from denovo3d.fourier import centred_irfft, centred_rfft
+
+    gen = torch.Generator().manual_seed(3)
+    vol = torch.randn(2, box, box, box, generator=gen, dtype=torch.float64)
+    vol[:, : box // 3] += 2.0
+    data = centred_rfft(vol)
+    expected = centred_rfft(soft_mask_outside(centred_irfft(data, box), box / 4, 3.0))
+    got = mask_particles(data, box / 2, 3.0)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-9 * float(expected.abs().max()))

@@ -8,7 +8,7 @@ import math
 import torch
 
 from denovo3d.engine.voxels import VoxelSet, hermitian_complete
-from denovo3d.fourier import centred_irfft, centred_rfft, splat_rfft
+from denovo3d.fourier import centred_irfft, splat_rfft
 
 __all__ = [
     "initial_references",
@@ -58,8 +58,17 @@ def mask_particles(data: torch.Tensor, diameter_px: float, edge_px: float = 5.0)
     """``--zero_mask`` on Fourier data ``(b, s, s, s//2+1)``: soft sphere in real space, outside
     set to the edge mean; ``diameter_px`` in pixels of this box."""
     box = data.shape[-2]
-    vol = centred_irfft(data, box)
-    return centred_rfft(soft_mask_outside(vol, diameter_px / 2, edge_px)).to(data.dtype)
+    dims = (-3, -2, -1)
+    # work in the transform's own frame (origin at voxel 0): the mask is shifted once instead of
+    # every particle twice; vol·m + bg·(1 - m) in place as (vol - bg)·m + bg
+    vol = torch.fft.irfftn(data, s=(box, box, box), dim=dims)
+    m = torch.fft.ifftshift(soft_sphere(box, diameter_px / 2, edge_px, data.device), dim=dims)
+    m = m.to(vol.dtype).reshape(-1)
+    ring = ((m < 1) & (m > 0)).to(vol.dtype)
+    flat = vol.reshape(*vol.shape[:-3], -1)
+    bg = (flat @ ring / ring.sum().clamp_min(1))[..., None]
+    flat.sub_(bg).mul_(m).add_(bg)
+    return torch.fft.rfftn(vol, dim=dims).to(data.dtype)
 
 
 def initial_references(
