@@ -66,10 +66,11 @@ def one(args: argparse.Namespace) -> None:
     from denovo3d import distributed, refine
     from denovo3d.cli.refine import _max_memory
     from denovo3d.config import RefineConfig, VdamSchedule
-    from denovo3d.memory import peak_rss_bytes
+    from denovo3d.memory import keep_freed_memory, peak_rss_bytes
     from denovo3d.particles import load_particle_set
 
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as refine.run does
     ranks, device = distributed.setup(torch.device("cpu"))
     cfg = RefineConfig(
         input_path=str(args.particles),

@@ -16,7 +16,7 @@ from denovo3d import memory
 )
 def test_glibc_accepts_the_allocator_settings() -> None:
     """Both mallopt calls succeed (mallopt returns 0 for a parameter or value it rejects, e.g.
-    an unknown parameter number)."""
+    an mmap threshold above 32 MB)."""
     assert memory.keep_freed_memory()
 
 

@@ -18,22 +18,26 @@ WORKING_SET_BYTES = 1 << 25
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
-_M_MMAP_MAX = -4
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_MAX = 1 << 25  # the largest glibc accepts on 64-bit systems
 _KEEP_BYTES = (1 << 31) - 1  # mallopt takes an int: keep up to 2 GiB free at the heap top
 
 
 def keep_freed_memory() -> bool:
-    """Ask glibc to serve every block from its heaps (no ``mmap`` per block) and to keep up to
-    2 GiB of freed heap memory instead of handing it back to the system; returns whether it was
-    applied (glibc only).
+    """Ask glibc to serve blocks up to 32 MB from the heap and to keep up to 2 GiB of freed heap
+    memory instead of handing it back to the system; returns whether it was applied (glibc only).
 
-    By default glibc maps each block above its threshold (128 kB, growing with use to 32 MB)
-    afresh and unmaps it when freed, and trims the heap's top: the engine's temporaries (a
-    sub-batch of particles at box 64 is ~100 MB) then had their pages faulted in and zeroed by
-    the kernel at every step. Measured on a 12-iteration job (300 particles, box 48, one
-    thread, ``benchmarks/bench_refine.py job``): default 34 s of system time, 11.4 M minor
-    page faults; heap up to 32 MB: 9-13 s, 3-3.9 M; no mmap at all: 2 s, 0.5 M; the same peak
-    RSS in all three."""
+    By default glibc starts with a 128 kB mmap threshold that grows with use and trims the heap
+    top as soon as 2x that is free: the engine's per-chunk temporaries were then mapped and
+    their pages faulted in (and zeroed by the kernel) again at every step. Measured on a
+    12-iteration job (300 particles, box 48, one thread): system time 34 -> 12 s of 135 s CPU,
+    minor page faults 11.4 M -> 3.9 M, the same peak RSS (``benchmarks/bench_refine.py job``).
+    Setting these parameters fixes the thresholds (glibc's dynamic adjustment stops), which is
+    why both are set together. Blocks above 32 MB (a sub-batch of particles at box 64 is ~100
+    MB) are still mapped afresh: the standard job spends 902 of 2,858 CPU s in the kernel.
+    Serving those from the heap too (``M_MMAP_MAX`` 0) cut that to 128 s but raised its peak
+    RSS from 7.0 to 10.7 GiB (heap fragmentation), outside the memory plan: not done; the fix
+    is to reuse those buffers."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -43,7 +47,7 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    ok = mallopt(_M_MMAP_MAX, 0) == 1
+    ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
     return ok and mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES) == 1
 
 
