@@ -147,19 +147,25 @@ def _native_op(
     """The compiled kernel where it applies (CPU, float32/64 throughout, no autograd, voxels
     contiguous in ``out``), else ``None``."""
     if not (
-        table.device.type == "cpu"
-        and coords.device.type == "cpu"
-        and out.device.type == "cpu"
+        _native_applies(table, coords, out)
         and table.dtype in (torch.complex64, torch.complex128)
         and out.dtype == table.dtype
         and coords.dtype == table.real.dtype
         and out.dim() == 3
         and out.stride(-1) == 1
-        and not (torch.is_grad_enabled() and (table.requires_grad or out.requires_grad))
-        and native.enabled()
     ):
         return None
     return native.load()
+
+
+def _native_applies(*tensors: torch.Tensor) -> bool:
+    """What both native kernels need of their tensors: on the CPU and, under grad mode, none
+    requiring a gradient (the kernels have no backward); and ``DENOVO3D_NATIVE`` not 0."""
+    return (
+        all(t.device.type == "cpu" for t in tensors)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        and native.enabled()
+    )
 
 
 def _rotate_torch(
@@ -231,9 +237,7 @@ def _native_splat_op(
     """The compiled scatter where it applies (CPU, float32/64 throughout, no autograd, voxels
     contiguous), else ``None``."""
     if not (
-        values.device.type == "cpu"
-        and weights.device.type == "cpu"
-        and coords.device.type == "cpu"
+        _native_applies(values, weights, coords)
         and weights.dtype in (torch.float32, torch.float64)
         and values.dtype == weights.dtype.to_complex()
         and coords.dtype == weights.dtype
@@ -241,8 +245,6 @@ def _native_splat_op(
         and values.stride(-1) == 1
         and weights.dim() == 2
         and weights.stride(-1) == 1
-        and not (torch.is_grad_enabled() and (values.requires_grad or weights.requires_grad))
-        and native.enabled()
     ):
         return None
     return native.load_splat()

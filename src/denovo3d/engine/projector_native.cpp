@@ -95,6 +95,17 @@ D3D_INLINE void sample<float>(const float* c000, int64_t sy, int64_t sz, float w
 }
 #endif
 
+// Whether to run the AVX2 + FMA build of a float loop: asked for (simd) and the processor has it.
+template <typename T>
+bool use_avx2(bool simd) {
+#if D3D_X86
+  return simd && std::is_same_v<T, float> && __builtin_cpu_supports("avx2")
+         && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
 // The problem, in elements of T (complex numbers interleaved re, im).
 template <typename T>
 struct Problem {
@@ -147,11 +158,7 @@ void rotate_impl(const at::Tensor& table, const at::Tensor& rotations, const at:
                coords.size(0),            out.stride(0),
                out.stride(1),             2 * r + 1,
                static_cast<T>(r)};
-  bool avx2 = false;
-#if D3D_X86
-  avx2 = simd && std::is_same_v<T, float> && __builtin_cpu_supports("avx2")
-         && __builtin_cpu_supports("fma");
-#endif
+  const bool avx2 = use_avx2<T>(simd);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(p.V * p.K, 1));
   at::parallel_for(0, rotations.size(0), grain, [&](int64_t o0, int64_t o1) {
 #if D3D_X86
@@ -263,11 +270,7 @@ void splat_impl(const at::Tensor& values, const at::Tensor& weights, const at::T
                weights.stride(0),
                side,
                static_cast<T>(r)};
-  bool avx2 = false;
-#if D3D_X86
-  avx2 = simd && std::is_same_v<T, float> && __builtin_cpu_supports("avx2")
-         && __builtin_cpu_supports("fma");
-#endif
+  const bool avx2 = use_avx2<T>(simd);
   // one slab of z planes per thread, each with about the same share of the sphere's samples
   // (plane z holds ~ r^2 - (z - r)^2 of them); a thread finds every sample's cell but adds only
   // the corners in its slab, so no two threads write the same element
