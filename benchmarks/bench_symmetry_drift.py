@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.symmetry_phantoms import degrade, recovery_clean
+from tests.symmetry_phantoms import PARTICLE_DIAMETER_PX, degrade, recovery_clean
 
 from denovo3d.geometry.symmetry import point_group
 from denovo3d.symmetry_align import AlignParams, prepare_bands, refine, shell_model
@@ -35,13 +35,15 @@ VARIANTS = {
 }
 
 
-def drift_deg(group: str, trial: int, variant: str, fixed_shift: bool) -> tuple[float, float]:
+def drift_deg(
+    group: str, trial: int, variant: str, fixed_shift: bool, diameter_px: float | None = None
+) -> tuple[float, float]:
     """Drift (degrees) of the final fine-band refinement started at the truth, and the distance
-    (px) of its centre from the true one."""
+    (px) of its centre from the true one; scored within ``diameter_px`` (None: the box)."""
     g = point_group(group)
     clean, truth, shift = recovery_clean(group, trial)
     volume = degrade(clean, seed=trial, **VARIANTS[variant]).float()
-    bands = prepare_bands(volume, AlignParams(seed=trial))
+    bands = prepare_bands(volume, AlignParams(seed=trial, mask_diameter_px=diameter_px))
     start = truth.T.to(torch.float64)
     true_shift = shift - bands.centre_px.double()
     model = shell_model(bands.fine, g, start[None], true_shift[None])
@@ -60,13 +62,17 @@ def main() -> None:
     parser.add_argument("--variants", default="clean,wedge,blur,noise,all")
     parser.add_argument("--fixed_shift", action="store_true", help="keep the true centre")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--particle_diameter_px", type=float, default=PARTICLE_DIAMETER_PX, help="0: whole box"
+    )
     args = parser.parse_args()
+    diameter = args.particle_diameter_px if args.particle_diameter_px > 0 else None
     torch.set_num_threads(args.threads)
     for case in args.cases.split(","):
         group, trial = case.split(":")
         parts, cpu = [], time.process_time()
         for variant in args.variants.split(","):
-            err, shift_err = drift_deg(group, int(trial), variant, args.fixed_shift)
+            err, shift_err = drift_deg(group, int(trial), variant, args.fixed_shift, diameter)
             parts.append(f"{variant} {err:.3f} deg ({shift_err:.2f} px)")
         cpu = time.process_time() - cpu
         print(f"{case}: " + ", ".join(parts) + f"; {cpu:.1f} s CPU", flush=True)

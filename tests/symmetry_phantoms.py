@@ -17,6 +17,9 @@ from denovo3d.geometry.euler import random_rotations
 from denovo3d.geometry.symmetry import point_group
 
 RECOVERY_GROUPS = ("C2", "C6", "C7", "D2", "D7", "T", "O", "I")
+# the recovery phantoms' assemblies fit in a radius of 20 px (phantom's max_radius_px): the
+# particle diameter a user would give the de novo job, whose maps are flattened with it
+PARTICLE_DIAMETER_PX = 40.0
 
 
 def subunit(

@@ -21,9 +21,16 @@ from denovo3d.symmetry_align import (
     align_symmetry,
     apply_alignment,
     detect_symmetry,
+    refine,
     subgroups,
 )
-from denovo3d.symmetry_search import orientation_error_deg
+from denovo3d.symmetry_search import (
+    local_power,
+    orientation_error_deg,
+    pair_residuals,
+    prepare_band,
+    spherical_mask,
+)
 from tests.symmetry_phantoms import degrade, phantom
 
 FAST = AlignParams(grid_size=20_000, axes=600, n_refine=2)
@@ -85,13 +92,23 @@ def _write_map(path: Path, volume: torch.Tensor) -> Path:
     return path
 
 
-def test_cli_align_symmetry_map_and_model_star(tmp_path: Path, capsys) -> None:
+def test_cli_align_symmetry_map_and_model_star(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
     volume, _, _ = _turned("C4", 5, box=32)
     src = _write_map(tmp_path / "class001.mrc", volume)
     _write_map(tmp_path / "class002.mrc", torch.zeros(32, 32, 32) + volume.mean())
     out = tmp_path / "initial_model.mrc"
+    seen = []
+
+    def spy(v: torch.Tensor, sym: str, params: AlignParams) -> symmetry_align.SymmetryResult:
+        seen.append(params.mask_diameter_px)
+        return symmetry_align.align_requested(v, sym, params)
+
+    monkeypatch.setattr("denovo3d.cli.align_symmetry.align_requested", spy)
     argv = ["align-symmetry", "--i", str(src), "--o", str(out), "--sym", "c4", "--apply_sym"]
-    assert cli_main(argv) == 0
+    assert cli_main([*argv, "--particle_diameter", "91"]) == 0
+    assert seen == [pytest.approx(26.0)]  # 91 Å at 3.5 Å/px
     text = capsys.readouterr().out
     assert "C4 axes at rot" in text and "score" in text
     aligned, angpix = read_mrc(out)
@@ -160,3 +177,55 @@ def test_subgroups_are_subgroups() -> None:
             big = angles(name)
             for a in angles(sub):
                 big.remove(a)  # raises if the group lacks a turn by this angle
+
+
+def test_local_power_keeps_a_flat_power_and_its_mean() -> None:
+    size = 24
+    flat = torch.stack([torch.full((size,) * 3, 0.6), torch.full((size,) * 3, 0.8)])[None]
+    assert torch.allclose(local_power(flat, 2), torch.ones(1, 1, size, size, size), atol=1e-5)
+    spike = torch.zeros(1, 2, size, size, size, dtype=torch.float64)
+    spike[0, 0, 12, 12, 12] = 2.0
+    smooth = local_power(spike, 2, sigma_px=1.0)
+    assert abs(float(smooth.sum()) - 4.0) < 1e-9  # smoothing moves power, keeps its total
+    assert float(smooth.max()) < 0.2 and int(smooth.argmax()) == (12 * size + 12) * size + 12
+
+
+def test_residual_score_keeps_its_optimum_at_the_true_axes_despite_a_wedge() -> None:
+    """A wedge (a filter that does not turn with the map) leaves the residual score's optimum at
+    the true axes: refined from the truth, the axes stay (the amplitude-weighted correlation
+    with the same noise model moves ~0.8° here)."""
+    gen = torch.Generator().manual_seed(7)
+    truth = random_rotations(1, gen)[0]
+    shift = torch.tensor([1.5, -2.0, 0.5], dtype=torch.float64)
+    clean = phantom("C4", 32, seed=3, rotation=truth, shift_px=shift, max_radius_px=11.0)
+    wedged = degrade(clean, seed=3, noise_sd_rel=0.0, blur_px=0.0, wedge_keep=0.2).float()
+    band = prepare_band(wedged, shift.float(), 2.0, 10.0, with_power=True)
+    n_shells = int(band.shells.max()) + 1
+    model = (torch.ones(n_shells), torch.full((n_shells,), 0.2))
+    g = point_group("C4")
+    start = truth.T.to(torch.float64)
+    found, _, _ = refine(band, g, start, 25, model, torch.zeros(3, dtype=torch.float64), False)
+    assert float(orientation_error_deg(found, truth, g)) < 0.25
+
+
+def test_residuals_of_pure_noise_have_expected_value_one() -> None:
+    gen = torch.Generator().manual_seed(2)
+    noise_map = torch.randn(40, 40, 40, generator=gen)
+    band = prepare_band(noise_map, torch.zeros(3), 2.0, 12.0, with_power=True)
+    ones = torch.ones(int(band.shells.max()) + 1)  # the band is whitened: noise power 1
+    h = random_rotations(8, gen).float()
+    score = pair_residuals(band, h, None, ones)
+    # 1 - mean(r)/2 with mean(r) about 1 (a little less: trilinear samples of the copy lose
+    # ~5% of the noise power), the same for every turn: noise does not pull the optimum
+    assert float(score.min()) > 0.47 and float(score.max()) < 0.58
+    assert float(score.std()) < 0.01
+
+
+def test_spherical_mask_radius() -> None:
+    like = torch.zeros(1, dtype=torch.float64)
+    full, tight = spherical_mask(32, like), spherical_mask(32, like, radius_px=6.0)
+    r = torch.arange(32, dtype=torch.float64) - 16
+    rad = (r[:, None, None] ** 2 + r[None, :, None] ** 2 + r[None, None, :] ** 2).sqrt()
+    assert bool((tight[rad <= 6] == 1).all()) and bool((tight[rad >= 10] == 0).all())
+    assert bool((full[rad <= 11] == 1).all()) and bool((full[rad >= 15] == 0).all())
+    assert torch.equal(spherical_mask(32, like, radius_px=40.0), full)  # never past the box

@@ -25,9 +25,12 @@ APIX = 3.5
 
 def _run(tmp_path: Path, volume: torch.Tensor, sym: str) -> SimpleNamespace:
     """write_initial_model on a one-class run whose class is ``volume``."""
-    cfg = SimpleNamespace(symmetry=sym, output_root=str(tmp_path / "run"), random_seed=3)
+    cfg = SimpleNamespace(
+        symmetry=sym, output_root=str(tmp_path / "run"), random_seed=3, particle_diameter_a=91.0
+    )
     state = SimpleNamespace(refs=volume[None].float(), pdf_class=torch.ones(1))
-    path = write_initial_model(cfg, state, SimpleNamespace(pixel_size_a=APIX))
+    ps = SimpleNamespace(pixel_size_a=APIX, box=volume.shape[-1])
+    path = write_initial_model(cfg, state, ps)
     return SimpleNamespace(path=path, star=tmp_path / "initial_model_symmetry.star")
 
 
@@ -40,7 +43,16 @@ def test_symmetry_step_writes_aligned_map_and_record_the_report_shows(tmp_path: 
     truth = random_rotations(1, torch.Generator().manual_seed(7))[0]
     shift = torch.tensor([1.5, -1.0, 0.5], dtype=torch.float64)
     volume = phantom("C4", 32, seed=2, rotation=truth, shift_px=shift, max_radius_px=11.0)
-    out = _run(tmp_path, volume, "C4")
+    diameters = []
+
+    def spy(v: torch.Tensor, sym: str, params: symmetry_align.AlignParams):
+        diameters.append(params.mask_diameter_px)
+        return symmetry_align.align_requested(v, sym, params)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("denovo3d.io.relion_outputs.align_requested", spy)
+        out = _run(tmp_path, volume, "C4")
+    assert diameters == [pytest.approx(26.0)]  # the job's --particle_diameter, 91 Å at 3.5 Å
     aligned, angpix = read_mrc(out.path)
     assert angpix == pytest.approx(APIX)
     blocks = read_star(out.star)

@@ -11,13 +11,18 @@ import torch
 from denovo3d.geometry.symmetry import point_group
 from denovo3d.symmetry_align import AlignParams, align_symmetry, detect_symmetry
 from denovo3d.symmetry_search import orientation_error_deg
-from tests.symmetry_phantoms import RECOVERY_GROUPS, recovery_trial
+from tests.symmetry_phantoms import PARTICLE_DIAMETER_PX, RECOVERY_GROUPS, recovery_trial
+
+
+def _params(trial: int) -> AlignParams:
+    """As the benchmark: scored within the phantoms' particle diameter."""
+    return AlignParams(seed=trial, mask_diameter_px=PARTICLE_DIAMETER_PX)
 
 
 def _error_deg(group: str, trial: int) -> float:
     volume, truth = recovery_trial(group, trial)
     g = point_group(group)
-    result = align_symmetry(volume, g, AlignParams(seed=trial))
+    result = align_symmetry(volume, g, _params(trial))
     return float(orientation_error_deg(result.rotation, truth, g))
 
 
@@ -40,5 +45,5 @@ def test_axes_within_one_degree_in_99_of_100_trials(group: str) -> None:
 def test_detection_picks_the_true_group_and_c1_for_asymmetric(group: str) -> None:
     trial = 1 if group == "C1 " else 0
     volume, _ = recovery_trial(group.strip(), trial)
-    result = detect_symmetry(volume, params=AlignParams(seed=trial))
+    result = detect_symmetry(volume, params=_params(trial))
     assert result.verdict == group.strip(), result.table()

@@ -28,6 +28,7 @@ from denovo3d.symmetry_search import (
     operator_pairs,
     orientation_error_deg,
     pair_correlations,
+    pair_residuals,
     prepare_band,
     reduce_to_cell,
     search_rotations,
@@ -59,7 +60,9 @@ class AlignParams:
     ``global_high``/``refine_high``: highest frequency used by the global search / refinement
     (``None``: 1/10 and 3/8 of the working box ``box_size``); ``grid_size``: rotations of the
     whole SO(3) grid (the search keeps one normaliser cell of it; Cn uses ``axes`` directions on a
-    hemisphere); ``n_refine``: candidates refined; ``seed`` turns the grids (deterministic).
+    hemisphere); ``n_refine``: candidates refined; ``seed`` turns the grids (deterministic);
+    ``mask_diameter_px``: the particle's diameter (input pixels; ``None``: the box), the soft
+    sphere about the centre that is scored: the solvent's noise outside it stays out.
     """
 
     box_size: int = 64
@@ -72,6 +75,11 @@ class AlignParams:
     refine_iterations: int = 25
     seed: int = 0
     keep_centre: bool = False
+    mask_diameter_px: float | None = None
+
+    @property
+    def mask_radius_px(self) -> float | None:
+        return None if self.mask_diameter_px is None else self.mask_diameter_px / 2
 
 
 @dataclass(frozen=True)
@@ -130,10 +138,11 @@ def prepare_bands(volume: torch.Tensor, params: AlignParams) -> Bands:
     coarse_high = params.global_high or work / 10
     fine_high = params.refine_high or 3 * work / 8
     centre = torch.zeros(3, dtype=v.dtype) if params.keep_centre else centre_of_mass(v)
-    coarse = prepare_band(v, centre, params.low, coarse_high)
+    radius = params.mask_radius_px
+    coarse = prepare_band(v, centre, params.low, coarse_high, mask_radius_px=radius)
     return Bands(
         coarse=coarse,
-        fine=prepare_band(v, centre, params.low, fine_high),
+        fine=prepare_band(v, centre, params.low, fine_high, True, radius),
         centre_px=centre,
         tables=AngleTables(coarse),
     )
@@ -204,10 +213,12 @@ def refine(
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """L-BFGS on a rotation vector (left perturbation of ``start``) and a shift (input pixels).
 
-    ``model``: shell weights and noise power (:func:`shell_model`). Every operator is used, one
-    of each pair ``g, g⁻¹`` (same score). ``refine_shift=False`` keeps ``start_shift`` (e.g. to
+    ``model``: shell weights and noise power (:func:`shell_model`); with one, a band prepared
+    ``with_power`` is scored by the noise-normalised residuals (:func:`pair_residuals`), others
+    by the normalised correlation (:func:`pair_correlations`). Every operator is used, one of
+    each pair ``g, g⁻¹`` (same score). ``refine_shift=False`` keeps ``start_shift`` (e.g. to
     measure the rotation alone). Returns the refined rotation ``(3, 3)``, the shift ``(3,)`` and
-    the score."""
+    the score (comparable between calls with the same band and model)."""
     weights, noise = (None, None) if model is None else model
     ops, mult = operator_pairs(group)
     ops = ops.to(torch.float64)
@@ -220,9 +231,14 @@ def refine(
     variables = [omega, shift] if refine_shift else [omega]
     opt = torch.optim.LBFGS(variables, lr=1, max_iter=iterations, line_search_fn="strong_wolfe")
 
+    residuals = noise is not None and band.power is not None
+
     def score_at() -> torch.Tensor:
         r = _skew_exp(omega) @ r0
         h = (r.T @ ops @ r).to(f32)
+        if residuals:
+            assert noise is not None
+            return (pair_residuals(band, h, shift.to(f32), noise, weights) * mult).sum()
         return (pair_correlations(band, h, shift.to(f32), weights, noise) * mult).sum()
 
     def loss_fn() -> torch.Tensor:
@@ -285,11 +301,11 @@ def align_symmetry(
     r, shift, score = best
     model = shell_model(bands.fine, g, r[None], shift[None])
     band = keep_shells(bands.fine, model[0])
-    r, shift, score = refine(band, g, r, params.refine_iterations, model, shift)
+    r, shift, _ = refine(band, g, r, params.refine_iterations, model, shift)
     ops = g.operators[1:]
     centre = bands.centre_px.double() + shift
     corr = pair_correlations(bands.fine, (r.T @ ops @ r).float(), shift.float(), *model)
-    return SymmetryAlignment(g.name, r, centre, float(score), corr.double())
+    return SymmetryAlignment(g.name, r, centre, float(corr.mean()), corr.double())
 
 
 def apply_alignment(
@@ -387,7 +403,10 @@ def detect_symmetry(
     s = volume.shape[-1]
     work = min(params.box_size, s - s % 2)
     # finer than the search band: at low resolution any compact blob looks like a cylinder
-    band = prepare_band(volume.to(torch.float32), bands.centre_px, 3.0, 3 * work / 16)
+    v = volume.to(torch.float32)
+    band = prepare_band(
+        v, bands.centre_px, 3.0, 3 * work / 16, mask_radius_px=params.mask_radius_px
+    )
     gen = torch.Generator().manual_seed(params.seed + 1)
     random_h = so3_grid(256, gen)
     null = float(pair_correlations(band, random_h.float()).median())

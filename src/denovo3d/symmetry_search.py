@@ -25,13 +25,16 @@ __all__ = [
     "cyclic_order",
     "full_grid",
     "keep_shells",
+    "local_power",
     "normaliser",
     "operator_directions",
     "operator_pairs",
     "orientation_error_deg",
     "pair_correlations",
+    "pair_residuals",
     "prepare_band",
     "sample_band",
+    "sample_power",
     "search_rotations",
     "shell_correlations",
     "spherical_mask",
@@ -46,7 +49,9 @@ class FourierBand:
     map zero-padded ``pad`` times (index ``S // 2`` is frequency 0; ``(z, y, x)``), for
     :func:`sample_band`; ``coords (V, 3)`` xyz frequencies (cycles per small box) with
     ``low <= |k| <= high``, ``values (V,)`` ``F(k)``, ``weights (V,)`` (2: each kept k stands
-    for k and -k; half the kx = 0 plane is kept), ``box`` of the input map, ``shells (V,)``.
+    for k and -k; half the kx = 0 plane is kept), ``box`` of the input map, ``shells (V,)``;
+    ``power (1, 1, S, S, S)`` the local power ``|F|²`` smoothed over neighbouring frequencies
+    (:func:`local_power`; only where the residual score is wanted).
     """
 
     grid: torch.Tensor
@@ -56,6 +61,7 @@ class FourierBand:
     weights: torch.Tensor
     box: int
     shells: torch.Tensor
+    power: torch.Tensor | None = None
 
 
 def full_grid(volume: torch.Tensor, pad: int) -> torch.Tensor:
@@ -88,12 +94,46 @@ def sample_band(band: FourierBand, coords: torch.Tensor) -> torch.Tensor:
     return torch.complex(out[0], out[1])
 
 
-def spherical_mask(box: int, like: torch.Tensor, edge_px: float = 4.0) -> torch.Tensor:
-    """Soft sphere ``(s, s, s)`` touching the box faces (cosine edge of ``edge_px`` inside): the
-    region that stays in the box under any rotation, so copies overlap the same way for all."""
+def local_power(grid: torch.Tensor, pad: int, sigma_px: float = 1.5) -> torch.Tensor:
+    """``(1, 1, S, S, S)`` power ``|F|²`` of a padded transform ``grid (1, 2, S, S, S)`` smoothed
+    by a Gaussian of ``sigma_px`` frequency steps of the unpadded box: an estimate of the signal
+    power around each frequency that a wedge or a blur (which vary slowly in Fourier space)
+    scales like the signal itself, and that noise at one frequency barely moves."""
+    power = grid[0, 0] ** 2 + grid[0, 1] ** 2
+    size = power.shape[-1]
+    sigma = sigma_px * pad
+    r = torch.arange(size, dtype=power.dtype, device=power.device) - size // 2
+    line = torch.fft.ifftshift(torch.exp(-(r**2) / (2 * sigma * sigma)))
+    line_ft = torch.fft.fft(line / line.sum()).real  # even kernel: real transform
+    half = line_ft[: size // 2 + 1]
+    kernel_ft = line_ft[:, None, None] * line_ft[None, :, None] * half[None, None, :]
+    smooth = torch.fft.irfftn(torch.fft.rfftn(power) * kernel_ft, s=power.shape)
+    return smooth[None, None].contiguous()
+
+
+def sample_power(band: FourierBand, coords: torch.Tensor) -> torch.Tensor:
+    """Trilinear samples ``(...)`` of the band's local power at ``coords (..., 3)``."""
+    assert band.power is not None, "the band has no local power: prepare_band(..., with_power=True)"
+    size = band.power.shape[-1]
+    index = coords * band.pad + size // 2
+    norm = (index * (2.0 / (size - 1)) - 1.0).to(band.power.dtype)
+    out = torch.nn.functional.grid_sample(
+        band.power, norm.reshape(1, -1, 1, 1, 3), mode="bilinear", align_corners=True
+    )
+    return out.reshape(coords.shape[:-1])
+
+
+def spherical_mask(
+    box: int, like: torch.Tensor, edge_px: float = 4.0, radius_px: float | None = None
+) -> torch.Tensor:
+    """Soft sphere ``(s, s, s)``: 1 within ``radius_px`` (default, and at most: touching the box
+    faces with the cosine edge of ``edge_px`` inside), the region that stays in the box under
+    any rotation, so copies overlap the same way for all. A sphere about the particle keeps out
+    the noise of the solvent around it."""
     r = torch.arange(box, dtype=like.dtype, device=like.device) - box // 2
     rad = (r[:, None, None] ** 2 + r[None, :, None] ** 2 + r[None, None, :] ** 2).sqrt()
     inner = box // 2 - 1 - edge_px
+    inner = inner if radius_px is None else min(inner, radius_px)
     x = ((rad - inner) / edge_px).clamp(0.0, 1.0)
     return 0.5 * (1 + torch.cos(torch.pi * x))
 
@@ -112,16 +152,22 @@ def shell_rms(ft: torch.Tensor) -> torch.Tensor:
 
 
 def prepare_band(
-    volume: torch.Tensor, centre_px: torch.Tensor, low: float, high: float
+    volume: torch.Tensor,
+    centre_px: torch.Tensor,
+    low: float,
+    high: float,
+    with_power: bool = False,
+    mask_radius_px: float | None = None,
 ) -> FourierBand:
     """Move ``centre_px`` (xyz offset from voxel s//2) of ``volume (s, s, s)`` to the centre, mask
-    with a soft sphere, whiten, keep the frequencies up to ``high`` (Fourier crop to a small box)
-    and pad for interpolation."""
+    with a soft sphere (of ``mask_radius_px``, default the largest in the box), whiten, keep the
+    frequencies up to ``high`` (Fourier crop to a small box) and pad for interpolation;
+    ``with_power`` adds the local power (:func:`pair_residuals`)."""
     s = volume.shape[-1]
     k_full = rfft_coords(s, volume.device).to(volume.dtype)
     phase = 2 * torch.pi * (k_full @ centre_px.to(volume.dtype)) / s
     ft = centred_rfft(volume) * torch.polar(torch.ones_like(phase), phase)
-    ft = centred_rfft(centred_irfft(ft, s) * spherical_mask(s, volume))
+    ft = centred_rfft(centred_irfft(ft, s) * spherical_mask(s, volume, radius_px=mask_radius_px))
     rms = shell_rms(ft)
     ft = ft / rms.clamp(min=1e-4 * float(rms.max()))
     b = min(s - s % 2, 2 * (math.ceil(high) + 2))
@@ -132,7 +178,9 @@ def prepare_band(
     r = k.norm(dim=-1)
     keep = (r >= low) & (r <= high) & ~((k[..., 0] == 0) & (_negative_half(k)))
     coords = k[keep]
-    band = FourierBand(grid, pad, coords, coords[:, 0], coords[:, 0], s, r[keep].round().long())
+    power = local_power(grid, pad) if with_power else None
+    shells = r[keep].round().long()
+    band = FourierBand(grid, pad, coords, coords[:, 0], coords[:, 0], s, shells, power)
     values = sample_band(band, coords)
     weights = torch.full_like(coords[:, 0], 2.0)  # each kept k stands for k and -k
     return replace(band, values=values, weights=weights)
@@ -157,6 +205,20 @@ def _negative_half(k: torch.Tensor) -> torch.Tensor:
     return (k[..., 2] < 0) | ((k[..., 2] == 0) & (k[..., 1] < 0))
 
 
+def _copy(
+    band: FourierBand, h: torch.Tensor, shift_px: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frequencies ``q = hᵀk`` ``(..., V, 3)`` and the copy's values ``F(q)`` ``(..., V)``
+    with the phase that moves ``centre + shift_px`` to the centre of both copies."""
+    q = torch.einsum("vi,...ij->...vj", band.coords, h.to(band.coords.dtype))
+    sampled = sample_band(band, q)
+    if shift_px is not None:
+        d = torch.einsum("...ij,j->...i", h.to(shift_px.dtype), shift_px) - shift_px
+        phase = 2 * torch.pi * torch.einsum("vi,...i->...v", band.coords, d) / band.box
+        sampled = sampled * torch.polar(torch.ones_like(phase), phase)
+    return q, sampled
+
+
 def _pair_terms(
     band: FourierBand,
     h: torch.Tensor,
@@ -164,13 +226,8 @@ def _pair_terms(
     noise_power: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-frequency numerator and denominator ``(..., V)`` of :func:`pair_correlations`."""
-    q = torch.einsum("vi,...ij->...vj", band.coords, h.to(band.coords.dtype))
-    sampled = sample_band(band, q)
+    _, sampled = _copy(band, h, shift_px)
     prod = band.values.conj() * sampled
-    if shift_px is not None:
-        d = torch.einsum("...ij,j->...i", h.to(shift_px.dtype), shift_px) - shift_px
-        phase = 2 * torch.pi * torch.einsum("vi,...i->...v", band.coords, d) / band.box
-        prod = prod * torch.polar(torch.ones_like(phase), phase)
     pk, pq = band.values.abs() ** 2, sampled.abs() ** 2
     if noise_power is None:
         ak2, aq2 = pk, pq
@@ -203,6 +260,37 @@ def pair_correlations(
         w = shell_weights.to(num.dtype)[band.shells]
         num, den = num * w, den * w
     return num.sum(-1) / den.sum(-1).clamp(min=torch.finfo(num.dtype).tiny)
+
+
+def pair_residuals(
+    band: FourierBand,
+    h: torch.Tensor,
+    shift_px: torch.Tensor,
+    noise_power: torch.Tensor,
+    shell_weights: torch.Tensor | None = None,
+    floor: float = 0.05,
+) -> torch.Tensor:
+    """Agreement ``1 - ½·mean_k r_k`` of the map with its copies by ``h (..., 3, 3)`` -> ``(...)``
+    from the noise-normalised residuals (generalised least squares)
+
+        r_k = |√s_q·F(k) - √s_k·F(q)|² / ((s_k + s_q)·σ²),   q = hᵀk,
+
+    ``s`` the local signal power (the band's smoothed ``|F|²`` less the shell's ``noise_power``,
+    at least ``floor``) and ``σ²`` the shell's noise power. Each copy is filtered by the other's
+    local amplitude, so a filter that does not turn with the map (wedge, anisotropic blur)
+    cancels at the true axes, and every residual has the expected value 1 there: unlike the
+    normalised correlation, whose denominator moves with ``h``, noisy frequencies cannot pull
+    the optimum. Needs ``prepare_band(..., with_power=True)``; ``shell_weights`` weight shells.
+    """
+    q, sampled = _copy(band, h, shift_px)
+    noise = noise_power.to(sampled.real.dtype)[band.shells]
+    s_k = (sample_power(band, band.coords) - noise).clamp(min=floor)
+    s_q = (sample_power(band, q) - noise).clamp(min=floor)
+    diff = s_q.sqrt() * band.values - s_k.sqrt() * sampled
+    residual = (diff.real**2 + diff.imag**2) / ((s_k + s_q) * noise.clamp(min=floor))
+    w = band.weights if shell_weights is None else band.weights * shell_weights[band.shells]
+    w = w.to(residual.dtype)
+    return 1 - 0.5 * (residual * w).sum(-1) / w.sum().clamp(min=torch.finfo(w.dtype).tiny)
 
 
 def shell_correlations(

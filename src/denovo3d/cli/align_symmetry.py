@@ -36,7 +36,7 @@ from denovo3d.symmetry_align import (
     apply_alignment,
 )
 
-__all__ = ["add_args", "load_maps", "main"]
+__all__ = ["add_args", "add_diameter_arg", "load_maps", "main", "mask_diameter_px"]
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +58,27 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random_seed", type=int, default=0, help="seed of the search grids")
     parser.add_argument("--box_size", type=int, default=64, help="working box (pixels, even)")
     parser.add_argument("--angpix", type=float, default=-1, help="pixel size (Å); -1: header")
+    add_diameter_arg(parser)
+
+
+def add_diameter_arg(parser: argparse.ArgumentParser) -> None:
+    """``--particle_diameter`` (Å), shared with detect-symmetry."""
+    parser.add_argument(
+        "--particle_diameter",
+        type=float,
+        default=-1,
+        help="diameter (Å) of the soft sphere scored about the centre, e.g. the de novo job's "
+        "--particle_diameter (keeps the solvent's noise out); -1: the whole box",
+    )
+
+
+def mask_diameter_px(args: argparse.Namespace, angpix: float) -> float | None:
+    """``--particle_diameter`` in pixels of a map of ``angpix`` Å (None when not given)."""
+    if args.particle_diameter <= 0:
+        return None
+    if angpix <= 0:
+        raise InputError(None, "--particle_diameter needs the pixel size: give --angpix")
+    return args.particle_diameter / angpix
 
 
 def _resolve(name: str, star: Path) -> Path:
@@ -125,8 +146,12 @@ def main(args: argparse.Namespace) -> int:
     best: tuple[float, Path, torch.Tensor, SymmetryResult, float] | None = None
     for path, volume, angpix in maps:
         _check_map(path, volume, args.box_size)
+        pixel = angpix if args.angpix <= 0 else args.angpix
         params = AlignParams(
-            box_size=args.box_size, seed=args.random_seed, keep_centre=args.keep_centre
+            box_size=args.box_size,
+            seed=args.random_seed,
+            keep_centre=args.keep_centre,
+            mask_diameter_px=mask_diameter_px(args, pixel),
         )
         v = torch.from_numpy(volume.copy())
         start = time.perf_counter()

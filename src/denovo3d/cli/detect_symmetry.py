@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from denovo3d.cli.align_symmetry import add_diameter_arg, mask_diameter_px
 from denovo3d.errors import InputError
 from denovo3d.geometry.symmetry import UnknownGroupError, point_group
 from denovo3d.io.mrc import read_mrc
@@ -36,6 +37,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random_seed", type=int, default=0, help="seed of the search grids")
     parser.add_argument("--box_size", type=int, default=64, help="working box (pixels, even)")
     parser.add_argument("--keep_centre", action="store_true", help="do not re-centre the map")
+    parser.add_argument("--angpix", type=float, default=-1, help="pixel size (Å); -1: header")
+    add_diameter_arg(parser)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -45,11 +48,14 @@ def main(args: argparse.Namespace) -> int:
             point_group(name)
         except UnknownGroupError as exc:
             raise InputError(None, f"--candidates: {exc}") from None
-    volume, _ = read_mrc(args.map)
+    volume, angpix = read_mrc(args.map)
     if len(set(volume.shape)) != 1 or volume.shape[0] < 16:
         raise InputError(args.map, f"expected a cubic map of at least 16³, found {volume.shape}")
     params = AlignParams(
-        box_size=args.box_size, seed=args.random_seed, keep_centre=args.keep_centre
+        box_size=args.box_size,
+        seed=args.random_seed,
+        keep_centre=args.keep_centre,
+        mask_diameter_px=mask_diameter_px(args, angpix if args.angpix <= 0 else args.angpix),
     )
     start = time.perf_counter()
     result = detect_symmetry(torch.from_numpy(volume.copy()), names, params)

@@ -243,14 +243,17 @@ def write_iteration(cfg, state, ps, schedule) -> str:
 def write_initial_model(cfg, state, ps) -> Path:
     """``initial_model.mrc`` beside the run: the largest class, as RELION's job ends
     (``relion_align_symmetry --select_largest_class --apply_sym``): unless ``cfg.symmetry`` is C1,
-    turned onto the group's standard axes, centred on them and symmetrised; ``auto`` detects the
-    group first (C1 when unclear: the map is then written as it is). The symmetry step's result
-    goes to ``initial_model_symmetry.star`` (:mod:`denovo3d.io.symmetry_star`)."""
+    turned onto the group's standard axes, centred on them and symmetrised (scored within the
+    particle's diameter); ``auto`` detects the group first (C1 when unclear: the map is then
+    written as it is). The symmetry step's result goes to ``initial_model_symmetry.star``
+    (:mod:`denovo3d.io.symmetry_star`)."""
     k = int(state.pdf_class.argmax())
     volume = state.refs[k].detach().cpu().float()
     path = Path(cfg.output_root).parent / "initial_model.mrc"
     if cfg.symmetry.upper() != "C1":
-        result = align_requested(volume, cfg.symmetry, AlignParams(seed=cfg.random_seed))
+        diameter_px = cfg.particle_diameter_a / ps.pixel_size_a * volume.shape[-1] / ps.box
+        params = AlignParams(seed=cfg.random_seed, mask_diameter_px=diameter_px)
+        result = align_requested(volume, cfg.symmetry, params)
         if result.alignment.group != "C1":
             volume = apply_alignment(volume.double(), result.alignment).float()
         write_symmetry_star(
