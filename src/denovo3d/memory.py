@@ -5,11 +5,20 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import os
 import resource
 import sys
 
-__all__ = ["WORKING_SET_BYTES", "available_bytes", "keep_freed_memory", "peak_rss_bytes"]
+import torch
+
+__all__ = [
+    "WORKING_SET_BYTES",
+    "Workspace",
+    "available_bytes",
+    "keep_freed_memory",
+    "peak_rss_bytes",
+]
 
 # Temporaries of one step of the engine's loops over chunks: small enough to stay in the
 # last-level cache and to be reused by the allocator (glibc maps larger blocks afresh and faults
@@ -49,6 +58,34 @@ def keep_freed_memory() -> bool:
     mallopt.restype = ctypes.c_int
     ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
     return ok and mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES) == 1
+
+
+class Workspace:
+    """One buffer kept from call to call for a temporary above ``WORKING_SET_BYTES`` that recurs
+    (glibc maps such a block afresh every time and the kernel faults in and zeroes its pages
+    again): :meth:`take` hands out views of it, growing it when asked for more. Its owner (the
+    refine loop) decides how long it lives; a view is valid until the next :meth:`take`."""
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+
+    def take(
+        self, shapes: list[tuple[int, ...]], dtypes: list[torch.dtype], device: torch.device
+    ) -> list[torch.Tensor]:
+        """Uninitialised tensors of ``shapes`` and ``dtypes``, back to back in the buffer."""
+        sizes = [math.prod(s) * d.itemsize for s, d in zip(shapes, dtypes, strict=True)]
+        sizes = [-(-n // 64) * 64 for n in sizes]  # each view aligned as malloc would
+        total = sum(sizes)
+        buf = self._buffer
+        if buf is None or buf.numel() < total or buf.device != torch.device(device):
+            buf = self._buffer = None  # the old buffer goes before the new one comes
+            self._buffer = torch.empty(total, dtype=torch.uint8, device=device)
+        buf, views, start = self._buffer, [], 0
+        for shape, dtype, size in zip(shapes, dtypes, sizes, strict=True):
+            n = math.prod(shape) * dtype.itemsize
+            views.append(buf[start : start + n].view(dtype).view(shape))
+            start += size
+        return views
 
 
 def available_bytes() -> int:

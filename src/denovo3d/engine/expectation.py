@@ -24,7 +24,7 @@ import torch
 
 from denovo3d.engine.projector import rotate
 from denovo3d.engine.voxels import VoxelSet
-from denovo3d.memory import WORKING_SET_BYTES
+from denovo3d.memory import WORKING_SET_BYTES, Workspace
 
 __all__ = [
     "Alignment",
@@ -144,6 +144,7 @@ def fine_search(
     log_prior_ko: torch.Tensor,
     fraction: float,
     budget_bytes: int,
+    workspace: Workspace | None = None,
 ) -> Alignment:
     """Pass 2 around the significant coarse samples ``coarse_sig (b, T_c, KO_c)`` bool: every
     child of a particle's significant coarse orientations × every child of its significant
@@ -159,8 +160,10 @@ def fine_search(
     orientations in it score them by batched GEMMs into one padded score array ``(b, n_t, n_o)``.
     A particle's rows are its coarse offsets' shifted data times the eight children's phases
     (the phase of ``t_c + δ`` is ``e(t_c)·e(δ)``: no table over all fine offsets). Particles
-    whose score arrays together pass a quarter of the budget go in several blocks.
+    whose score arrays together pass a quarter of the budget go in several blocks. The chunks'
+    projections live in ``workspace`` (kept by the caller from call to call), else in a new one.
     """
+    workspace = Workspace() if workspace is None else workspace
     n_o = coarse_sig.any(dim=1).sum(dim=1)
     n_t = coarse_sig.any(dim=2).sum(dim=1)
     order = torch.argsort(n_o * n_t)  # similar sizes share a block: little padding
@@ -172,7 +175,8 @@ def fine_search(
     for g0, g1, _, _ in _working_groups(sizes, lambda m, n: 32 * 64 * (m + 1) * n, limit):
         rows = order[g0:g1]
         args = (data[rows], ctf2[rows], refs_full, coarse_sig[rows], grid)
-        part = _fine_block(*args, log_prior_offset, log_prior_ko, fraction, budget_bytes)
+        priors = (log_prior_offset, log_prior_ko)
+        part = _fine_block(*args, *priors, fraction, budget_bytes, workspace)
         parts.append((part, rows))
     return _merge(parts, data.shape[0])
 
@@ -187,6 +191,7 @@ def _fine_block(
     log_prior_ko: torch.Tensor,
     fraction: float,
     budget_bytes: int,
+    workspace: Workspace,
 ) -> Alignment:
     """:func:`fine_search` for particles whose score arrays fit together."""
     b, V = data.shape[0], len(grid.voxels)
@@ -216,7 +221,7 @@ def _fine_block(
 
     for u0 in range(0, n_union, step):
         u1 = min(n_union, u0 + step)
-        proj_c, power_c = _project_children(refs_full, union[u0:u1], grid)
+        proj_c, power_c = _project_children(refs_full, union[u0:u1], grid, workspace)
         proj_r = torch.view_as_real(proj_c).view(u1 - u0, 16 * V)
         power_r = power_c.view(u1 - u0, 8 * V)
         inside = (o_pos >= u0) & (o_pos < u1)  # (b, n_oc)
@@ -289,15 +294,16 @@ def _working_groups(
 
 
 def _project_children(
-    refs_full: torch.Tensor, parents: torch.Tensor, grid: PassGrid
+    refs_full: torch.Tensor, parents: torch.Tensor, grid: PassGrid, workspace: Workspace
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Projections ``(U, 8, V)`` complex of the eight fine children ``8p + c`` of each coarse
     ``ko`` in ``parents (U,)`` sorted (the children of a parent share its class), and their
-    powers ``|P|²`` (real), each computed while its chunk is in cache."""
+    powers ``|P|²`` (real), each computed while its chunk is in cache; both are views of
+    ``workspace`` (hundreds of MB: a new array's pages would be faulted in at every call)."""
     n_orient, V, K = grid.rotations.shape[0], len(grid.voxels), refs_full.shape[0]
     dtype = torch.complex64 if refs_full.dtype == torch.float32 else torch.complex128
-    proj = torch.empty((parents.numel(), 8, V), dtype=dtype, device=refs_full.device)
-    power = torch.empty(proj.shape, dtype=refs_full.dtype, device=refs_full.device)
+    shape = (parents.numel(), 8, V)
+    proj, power = workspace.take([shape, shape], [dtype, refs_full.dtype], refs_full.device)
     kids = 8 * parents[:, None] + torch.arange(8, device=parents.device)
     class_start = torch.arange(K + 1, device=parents.device) * (n_orient // 8)
     bounds = torch.searchsorted(parents, class_start).tolist()
@@ -383,15 +389,22 @@ class Search:
 
 
 def align(
-    data: torch.Tensor, ctf2: torch.Tensor, refs_full: torch.Tensor, search: Search
+    data: torch.Tensor,
+    ctf2: torch.Tensor,
+    refs_full: torch.Tensor,
+    search: Search,
+    workspace: Workspace | None = None,
 ) -> Alignment:
     """Coarse then fine search for a batch.
 
     ``data (b, s, s, s//2+1)`` complex and ``ctf2`` (same shape) at the box both VoxelSets index;
     ``refs_full (K, 2, S, S, S)`` the references' full centred transforms (zero beyond the
     current radius). Temporaries stay under ``search.budget_bytes``: coarse scores by chunks of
-    particles, the fine pass by chunks of the union of their orientations (:func:`fine_search`).
+    particles, the fine pass by chunks of the union of their orientations (:func:`fine_search`),
+    their projections in ``workspace`` when given (a caller that aligns batch after batch keeps
+    one: the pages of a buffer this size are faulted in again whenever it is allocated anew).
     """
+    workspace = Workspace() if workspace is None else workspace
     c_grid, f_grid = search.coarse, search.fine
     K = refs_full.shape[0]
     proj = project(refs_full, c_grid.rotations, c_grid.voxels).reshape(
@@ -428,6 +441,7 @@ def align(
             prior_ko_fine,
             search.fraction,
             search.budget_bytes,
+            workspace,
         )
         parts.append((part, torch.arange(s, s + d.shape[0], device=data.device)))
     return _merge(parts, data.shape[0])
