@@ -174,7 +174,9 @@ def fine_search(
     parts = []
     for g0, g1, _, _ in _working_groups(sizes, lambda m, n: 32 * 64 * (m + 1) * n, limit):
         rows = order[g0:g1]
-        args = (data[rows], ctf2[rows], refs_full, coarse_sig[rows], grid)
+        weighted = data[rows].mul_(grid.inv_sigma2)  # D/σ², in place on the block's copy
+        half_c = ctf2[rows].mul_(0.5).mul_(grid.inv_sigma2)  # ½C/σ²
+        args = (weighted, half_c, refs_full, coarse_sig[rows], grid)
         priors = (log_prior_offset, log_prior_ko)
         part = _fine_block(*args, *priors, fraction, budget_bytes, workspace)
         parts.append((part, rows))
@@ -182,8 +184,8 @@ def fine_search(
 
 
 def _fine_block(
-    data: torch.Tensor,
-    ctf2: torch.Tensor,
+    weighted: torch.Tensor,
+    half_c: torch.Tensor,
     refs_full: torch.Tensor,
     coarse_sig: torch.Tensor,
     grid: PassGrid,
@@ -193,8 +195,9 @@ def _fine_block(
     budget_bytes: int,
     workspace: Workspace,
 ) -> Alignment:
-    """:func:`fine_search` for particles whose score arrays fit together."""
-    b, V = data.shape[0], len(grid.voxels)
+    """:func:`fine_search` for particles whose score arrays fit together: ``weighted (b, V)``
+    = D/σ², ``half_c (b, V)`` = ½C/σ²."""
+    b, V = weighted.shape[0], len(grid.voxels)
     o_par, o_ok = _padded_rows(coarse_sig.any(dim=1))  # (b, n_oc) coarse ko
     t_par, t_ok = _padded_rows(coarse_sig.any(dim=2))  # (b, n_tc) coarse offsets
     union = torch.unique(o_par[o_ok])  # coarse ko, sorted
@@ -204,17 +207,17 @@ def _fine_block(
     t_fine = grid.offsets_px.reshape(-1, 8, 3)
     t_coarse = t_fine.mean(dim=1)  # the parents: children are t_c ± step/4 per axis
     rows_data = _ShiftedRows(
-        data * grid.inv_sigma2,
+        weighted,
         grid.phases_at(t_coarse[t_union]),  # (T_used, V)
         grid.phases_at(t_fine[0] - t_coarse[0]),  # (8, V)
         torch.searchsorted(t_union, t_par.contiguous()).clamp_(max=t_union.numel() - 1),
     )
-    half_c = 0.5 * ctf2 * grid.inv_sigma2
     # one spare block of 8 columns takes the padded slots' scores
-    scores = data.real.new_full((b, 8 * n_tc, 8 * n_oc + 8), float("-inf"))
-    itemsize = data.real.element_size()
+    scores = half_c.new_full((b, 8 * n_tc, 8 * n_oc + 8), float("-inf"))
+    itemsize = half_c.element_size()
     step = max(1, (budget_bytes // 2) // (8 * V * 3 * itemsize))
-    eight = torch.arange(8, device=data.device)
+    eight = torch.arange(8, device=half_c.device)
+    rows_space = Workspace()  # the data rows of a group (a particle's alone can pass 32 MB)
 
     def group_cost(m: torch.Tensor, n: torch.Tensor) -> torch.Tensor:  # P, |P|², data rows
         return V * itemsize * (24 * m + 18 * n)
@@ -234,21 +237,55 @@ def _fine_block(
         sizes = torch.stack([n_in[rows_in], n_t_all[rows_in]], dim=1)
         for g0, g1, m, n_t in _working_groups(sizes, group_cost, WORKING_SET_BYTES):
             rows = rows_in[g0:g1]
-            g = rows.numel()
-            proj = proj_r.index_select(0, par[g0:g1, :m].reshape(-1)).view(g, 8 * m, 2 * V)
-            power = power_r.index_select(0, par[g0:g1, :m].reshape(-1)).view(g, 8 * m, V)
-            y = rows_data.rows(rows, n_t)  # (g, 8·n_t, 2V)
+            proj, power = _group_projections(proj_r, power_r, par[g0:g1, :m])
+            y = rows_data.rows(rows, n_t, rows_space)  # (g, 8·n_t, 2V)
             cross = torch.bmm(y, proj.transpose(1, 2))  # (g, 8·n_t, 8·m)
             norm = torch.bmm(half_c[rows, None, :], power.transpose(1, 2))  # (g, 1, 8·m)
-            cols = (8 * slots[g0:g1, :m, None] + eight).reshape(g, 1, 8 * m)
-            t_rows = torch.arange(8 * n_t, device=data.device)[None, :, None]
-            scores[rows[:, None, None], t_rows, cols] = cross - norm
+            _put_scores(scores, cross - norm, rows, slots[g0:g1, :m], eight)
     o_idx = (8 * o_par[:, :, None] + eight).reshape(b, -1)
     t_idx = (8 * t_par[:, :, None] + eight).reshape(b, -1)
     scores = scores[:, :, : 8 * n_oc] + log_prior_offset[t_idx][:, :, None]
     scores += log_prior_ko[o_idx][:, None, :]
     valid = t_ok.repeat_interleave(8, dim=1)[:, :, None] & o_ok.repeat_interleave(8, dim=1)[:, None]
     return _posteriors(scores.masked_fill_(~valid, float("-inf")), o_idx, t_idx, fraction)
+
+
+def _group_projections(
+    proj_r: torch.Tensor, power_r: torch.Tensor, par: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A group's projections ``(g, 8·m, 2V)`` real and powers ``(g, 8·m, V)``: rows ``par (g, m)``
+    of the chunk's ``proj_r (U, 16V)`` and ``power_r (U, 8V)``. Views, not copies, for a lone
+    particle whose orientations are consecutive in the chunk: at full size a particle's data
+    rows alone fill the working set, so most groups are one particle, most with one or two
+    orientations in a chunk."""
+    g, m = par.shape
+    first, last = par[0, [0, -1]].tolist()
+    if g == 1 and last - first == m - 1:
+        proj, power = proj_r[first : last + 1], power_r[first : last + 1]
+    else:
+        flat = par.reshape(-1)
+        proj, power = proj_r.index_select(0, flat), power_r.index_select(0, flat)
+    return proj.view(g, 8 * m, -1), power.view(g, 8 * m, -1)
+
+
+def _put_scores(
+    scores: torch.Tensor,
+    values: torch.Tensor,
+    rows: torch.Tensor,
+    slots: torch.Tensor,
+    eight: torch.Tensor,
+) -> None:
+    """``scores[row, r, 8·slot + c] = values (g, R, 8·m)`` for the group's particles ``rows
+    (g,)`` and their slots ``(g, m)``. A lone particle's slots in a chunk are consecutive (its
+    orientations are sorted, the chunk is a range of the sorted union): a slice, no scatter."""
+    g, n_rows, n_cols = values.shape
+    first, last = slots[0, [0, -1]].tolist()
+    if g == 1 and last - first == n_cols // 8 - 1:
+        scores[int(rows[0]), :n_rows, 8 * first : 8 * last + 8] = values[0]
+        return
+    cols = (8 * slots[:, :, None] + eight).reshape(g, 1, n_cols)
+    t_rows = torch.arange(n_rows, device=values.device)[None, :, None]
+    scores[rows[:, None, None], t_rows, cols] = values
 
 
 @dataclass(frozen=True)
@@ -262,14 +299,15 @@ class _ShiftedRows:
     child_phases: torch.Tensor
     parent_pos: torch.Tensor
 
-    def rows(self, rows: torch.Tensor, n_tc: int) -> torch.Tensor:
+    def rows(self, rows: torch.Tensor, n_tc: int, workspace: Workspace) -> torch.Tensor:
         """``(g, 8·n_tc, 2V)`` real: D·e(t_c)·e(δ) for the first ``n_tc`` coarse offsets of the
-        particles ``rows``, children innermost (row ``8j + c``)."""
+        particles ``rows``, children innermost (row ``8j + c``), in ``workspace``."""
         g, V = rows.numel(), self.weighted.shape[1]
         pos = self.parent_pos[rows, :n_tc].reshape(-1)
         shifted = self.parent_phases.index_select(0, pos).view(g, n_tc, V)
         shifted *= self.weighted[rows, None, :]
-        y = shifted[:, :, None, :] * self.child_phases
+        (y,) = workspace.take([(g, n_tc, 8, V)], [shifted.dtype], shifted.device)
+        torch.mul(shifted[:, :, None, :], self.child_phases, out=y)
         return torch.view_as_real(y).view(g, 8 * n_tc, 2 * V)
 
 
@@ -313,7 +351,8 @@ def _project_children(
             u1 = min(u0 + step, bounds[k + 1])
             rot = grid.rotations[kids[u0:u1].reshape(-1) % n_orient]
             project(refs_full[k : k + 1], rot, grid.voxels, out=proj[u0:u1].view(1, -1, V))
-            power[u0:u1] = proj[u0:u1].real ** 2 + proj[u0:u1].imag ** 2
+            re, im = proj[u0:u1].real, proj[u0:u1].imag  # re² then += im²: the same sums
+            torch.mul(re, re, out=power[u0:u1]).add_(im * im)  # as re² + im², 1.7x faster
     return proj, power
 
 
