@@ -164,8 +164,8 @@ def fine_search(
     projections live in ``workspace`` (kept by the caller from call to call), else in a new one.
     """
     workspace = Workspace() if workspace is None else workspace
-    n_o = coarse_sig.any(dim=1).sum(dim=1)
-    n_t = coarse_sig.any(dim=2).sum(dim=1)
+    o_sig, t_sig = coarse_sig.any(dim=1), coarse_sig.any(dim=2)  # (b, KO_c), (b, T_c)
+    n_o, n_t = o_sig.sum(dim=1), t_sig.sum(dim=1)
     order = torch.argsort(n_o * n_t)  # similar sizes share a block: little padding
     sizes = torch.stack([n_o[order], n_t[order]], dim=1)
     # scores (with a spare block), probabilities, their sorted copy, int64 ranks, cumulative
@@ -176,7 +176,7 @@ def fine_search(
         rows = order[g0:g1]
         weighted = data[rows].mul_(grid.inv_sigma2)  # D/σ², in place on the block's copy
         half_c = ctf2[rows].mul_(0.5).mul_(grid.inv_sigma2)  # ½C/σ²
-        args = (weighted, half_c, refs_full, coarse_sig[rows], grid)
+        args = (weighted, half_c, refs_full, o_sig[rows], t_sig[rows], grid)
         priors = (log_prior_offset, log_prior_ko)
         part = _fine_block(*args, *priors, fraction, budget_bytes, workspace)
         parts.append((part, rows))
@@ -187,7 +187,8 @@ def _fine_block(
     weighted: torch.Tensor,
     half_c: torch.Tensor,
     refs_full: torch.Tensor,
-    coarse_sig: torch.Tensor,
+    o_sig: torch.Tensor,
+    t_sig: torch.Tensor,
     grid: PassGrid,
     log_prior_offset: torch.Tensor,
     log_prior_ko: torch.Tensor,
@@ -196,10 +197,11 @@ def _fine_block(
     workspace: Workspace,
 ) -> Alignment:
     """:func:`fine_search` for particles whose score arrays fit together: ``weighted (b, V)``
-    = D/σ², ``half_c (b, V)`` = ½C/σ²."""
+    = D/σ², ``half_c (b, V)`` = ½C/σ²; ``o_sig (b, KO_c)``, ``t_sig (b, T_c)`` bool: the coarse
+    orientations and offsets of the particles' significant samples."""
     b, V = weighted.shape[0], len(grid.voxels)
-    o_par, o_ok = _padded_rows(coarse_sig.any(dim=1))  # (b, n_oc) coarse ko
-    t_par, t_ok = _padded_rows(coarse_sig.any(dim=2))  # (b, n_tc) coarse offsets
+    o_par, o_ok = _padded_rows(o_sig)  # (b, n_oc) coarse ko
+    t_par, t_ok = _padded_rows(t_sig)  # (b, n_tc) coarse offsets
     union = torch.unique(o_par[o_ok])  # coarse ko, sorted
     n_union, n_oc, n_tc = union.numel(), o_par.shape[1], t_par.shape[1]
     o_pos = torch.searchsorted(union, o_par.contiguous()).masked_fill_(~o_ok, n_union)
