@@ -32,7 +32,7 @@ from denovo3d.errors import InputError
 from denovo3d.fourier import centred_rfft, fourier_crop
 from denovo3d.io.mrc import read_header, read_mrc
 from denovo3d.io.particles_star import ParticleTables, read_particle_tables, resolve_project_path
-from denovo3d.memory import WORKING_SET_BYTES
+from denovo3d.memory import WORKING_SET_BYTES, Workspace
 
 __all__ = ["MULTIPLICITY_THRESHOLD", "ParticleBatch", "ParticleSet", "load_particle_set"]
 
@@ -324,8 +324,11 @@ class ParticleSet:
         box: int | None = None,
         device: torch.device | str = "cpu",
         threads: int = 1,
+        workspace: Workspace | None = None,
     ) -> ParticleBatch:
-        """Particles ``indices`` (table rows, from 0) as a :class:`ParticleBatch` at ``box``."""
+        """Particles ``indices`` (table rows, from 0) as a :class:`ParticleBatch` at ``box``;
+        on the CPU, views of ``workspace`` (valid until its next take) if given: a caller that
+        loads batch after batch keeps one (new arrays this size are faulted in afresh)."""
         rows = [int(i) for i in torch.as_tensor(indices).reshape(-1).tolist()]
         box = self._cache_box if box is None else int(box)
         if box > self._cache_box:
@@ -338,7 +341,11 @@ class ParticleSet:
         fresh = self._read_rows(missing, threads) if missing else ()
         shape = (box, box, box // 2 + 1)
         dtypes = (torch.complex64, torch.float32, torch.float32)
-        tensors = [torch.empty((len(rows), *shape), dtype=dt) for dt in dtypes]
+        shapes = [(len(rows), *shape)] * 3
+        if workspace is None:
+            tensors = [torch.empty(s, dtype=dt) for s, dt in zip(shapes, dtypes, strict=True)]
+        else:
+            tensors = workspace.take(shapes, list(dtypes), torch.device("cpu"))
         if cached:
             slots = torch.tensor([self._cache[rows[j]] for j in cached])
             self._copy_rows(tensors, self._slab, torch.tensor(cached), slots)

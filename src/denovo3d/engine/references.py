@@ -55,9 +55,11 @@ def non_negative(volume: torch.Tensor) -> torch.Tensor:
     return volume.clamp_min(0)
 
 
-def mask_particles(data: torch.Tensor, diameter_px: float, edge_px: float = 5.0) -> torch.Tensor:
+def mask_particles(
+    data: torch.Tensor, diameter_px: float, edge_px: float = 5.0, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``--zero_mask`` on Fourier data ``(b, s, s, s//2+1)``: soft sphere in real space, outside
-    set to the edge mean; ``diameter_px`` in pixels of this box."""
+    set to the edge mean; ``diameter_px`` in pixels of this box (into ``out`` if given)."""
     box = data.shape[-2]
     dims = (-3, -2, -1)
     # work in the transform's own frame (origin at voxel 0): the mask is shifted once instead of
@@ -66,7 +68,7 @@ def mask_particles(data: torch.Tensor, diameter_px: float, edge_px: float = 5.0)
     m = m.to(data.real.dtype).reshape(-1)
     ring = ((m < 1) & (m > 0)).to(m.dtype)
     n_ring = ring.sum().clamp_min(1)
-    out = torch.empty_like(data)
+    out = torch.empty_like(data) if out is None else out
     # by chunks of particles under the working set: whole-batch volumes would be new mappings,
     # their pages faulted in at every sub-batch
     step = max(1, WORKING_SET_BYTES // (box**3 * m.element_size()))
