@@ -43,10 +43,11 @@ def keep_freed_memory() -> bool:
     minor page faults 11.4 M -> 3.9 M, the same peak RSS (``benchmarks/bench_refine.py job``).
     Setting these parameters fixes the thresholds (glibc's dynamic adjustment stops), which is
     why both are set together. Blocks above 32 MB (a sub-batch of particles at box 64 is ~100
-    MB) are still mapped afresh: the standard job spends 902 of 2,858 CPU s in the kernel.
+    MB) are still mapped afresh: the standard job spent 902 of 2,858 CPU s in the kernel.
     Serving those from the heap too (``M_MMAP_MAX`` 0) cut that to 128 s but raised its peak
-    RSS from 7.0 to 10.7 GiB (heap fragmentation), outside the memory plan: not done; the fix
-    is to reuse those buffers."""
+    RSS from 7.0 to 10.7 GiB (heap fragmentation), outside the memory plan: not done; the
+    largest recurring ones are reused instead (:class:`Workspace`, ``refine.Buffers``) or made
+    by chunks under ``WORKING_SET_BYTES``."""
     if not sys.platform.startswith("linux"):
         return False
     try:
