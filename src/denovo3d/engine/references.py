@@ -66,16 +66,17 @@ def mask_particles(
     # every particle twice; vol·m + bg·(1 - m) in place as (vol - bg)·m + bg
     m = torch.fft.ifftshift(soft_sphere(box, diameter_px / 2, edge_px, data.device), dim=dims)
     m = m.to(data.real.dtype).reshape(-1)
-    ring = ((m < 1) & (m > 0)).to(m.dtype)
-    n_ring = ring.sum().clamp_min(1)
+    ring = torch.nonzero((m < 1) & (m > 0)).squeeze(1)  # the edge zone
+    n_ring = max(1, ring.numel())
     out = torch.empty_like(data) if out is None else out
     # by chunks of particles under the working set: whole-batch volumes would be new mappings,
-    # their pages faulted in at every sub-batch
+    # their pages faulted in at every sub-batch. The edge mean is a sum per particle (a GEMV
+    # summed differently with the number of rows: a particle's result hung on its sub-batch)
     step = max(1, WORKING_SET_BYTES // (box**3 * m.element_size()))
     for i in range(0, data.shape[0], step):
         vol = torch.fft.irfftn(data[i : i + step], s=(box, box, box), dim=dims)
         flat = vol.reshape(vol.shape[0], -1)
-        bg = (flat @ ring / n_ring)[:, None]
+        bg = (flat.index_select(1, ring).sum(dim=1) / n_ring)[:, None]
         flat.sub_(bg).mul_(m).add_(bg)
         torch.fft.rfftn(vol, dim=dims, out=out[i : i + step])
     return out
