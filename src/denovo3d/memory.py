@@ -62,26 +62,31 @@ def keep_freed_memory() -> bool:
 
 
 class Workspace:
-    """One buffer kept from call to call for a temporary above ``WORKING_SET_BYTES`` that recurs
-    (glibc maps such a block afresh every time and the kernel faults in and zeroes its pages
-    again): :meth:`take` hands out views of it, growing it when asked for more. Its owner (the
-    refine loop) decides how long it lives; a view is valid until the next :meth:`take`."""
+    """Named buffers kept from call to call for temporaries above ``WORKING_SET_BYTES`` that
+    recur (glibc maps such a block afresh every time and the kernel faults in and zeroes its
+    pages again): :meth:`take` hands out views of a name's buffer, growing it when asked for
+    more. Its owner (the refine loop) decides how long they live; the views of a name are valid
+    until that name's next :meth:`take`."""
 
     def __init__(self) -> None:
-        self._buffer: torch.Tensor | None = None
+        self._buffers: dict[str, torch.Tensor] = {}
 
     def take(
-        self, shapes: list[tuple[int, ...]], dtypes: list[torch.dtype], device: torch.device
+        self,
+        name: str,
+        shapes: list[tuple[int, ...]],
+        dtypes: list[torch.dtype],
+        device: torch.device,
     ) -> list[torch.Tensor]:
-        """Uninitialised tensors of ``shapes`` and ``dtypes``, back to back in the buffer."""
+        """Uninitialised tensors of ``shapes`` and ``dtypes``, back to back in buffer ``name``."""
         sizes = [math.prod(s) * d.itemsize for s, d in zip(shapes, dtypes, strict=True)]
         sizes = [-(-n // 64) * 64 for n in sizes]  # each view aligned as malloc would
         total = sum(sizes)
-        buf = self._buffer
+        buf = self._buffers.get(name)
         if buf is None or buf.numel() < total or buf.device != torch.device(device):
-            buf = self._buffer = None  # the old buffer goes before the new one comes
-            self._buffer = torch.empty(total, dtype=torch.uint8, device=device)
-        buf, views, start = self._buffer, [], 0
+            buf = self._buffers[name] = None  # the old buffer goes before the new one comes
+            self._buffers[name] = torch.empty(total, dtype=torch.uint8, device=device)
+        buf, views, start = self._buffers[name], [], 0
         for shape, dtype, size in zip(shapes, dtypes, sizes, strict=True):
             n = math.prod(shape) * dtype.itemsize
             views.append(buf[start : start + n].view(dtype).view(shape))

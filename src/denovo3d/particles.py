@@ -327,8 +327,8 @@ class ParticleSet:
         workspace: Workspace | None = None,
     ) -> ParticleBatch:
         """Particles ``indices`` (table rows, from 0) as a :class:`ParticleBatch` at ``box``;
-        on the CPU, views of ``workspace`` (valid until its next take) if given: a caller that
-        loads batch after batch keeps one (new arrays this size are faulted in afresh)."""
+        on the CPU, views of ``workspace``'s buffer "particles" if given: a caller that loads
+        batch after batch keeps one (new arrays this size are faulted in afresh)."""
         rows = [int(i) for i in torch.as_tensor(indices).reshape(-1).tolist()]
         box = self._cache_box if box is None else int(box)
         if box > self._cache_box:
@@ -345,7 +345,7 @@ class ParticleSet:
         if workspace is None:
             tensors = [torch.empty(s, dtype=dt) for s, dt in zip(shapes, dtypes, strict=True)]
         else:
-            tensors = workspace.take(shapes, list(dtypes), torch.device("cpu"))
+            tensors = workspace.take("particles", shapes, list(dtypes), torch.device("cpu"))
         if cached:
             slots = torch.tensor([self._cache[rows[j]] for j in cached])
             self._copy_rows(tensors, self._slab, torch.tensor(cached), slots)

@@ -160,8 +160,10 @@ def fine_search(
     orientations in it score them by batched GEMMs into one padded score array ``(b, n_t, n_o)``.
     A particle's rows are its coarse offsets' shifted data times the eight children's phases
     (the phase of ``t_c + δ`` is ``e(t_c)·e(δ)``: no table over all fine offsets). Particles
-    whose score arrays together pass a quarter of the budget go in several blocks. The chunks'
-    projections live in ``workspace`` (kept by the caller from call to call), else in a new one.
+    whose score arrays together pass a quarter of the budget go in several blocks. A block's
+    weighted data, the chunks' projections and the groups' data rows live in ``workspace``
+    (buffers "fine block", "projections", "data rows"; kept by the caller from call to call),
+    else in a new one.
     """
     workspace = Workspace() if workspace is None else workspace
     o_sig, t_sig = coarse_sig.any(dim=1), coarse_sig.any(dim=2)  # (b, KO_c), (b, T_c)
@@ -174,8 +176,10 @@ def fine_search(
     parts = []
     for g0, g1, _, _ in _working_groups(sizes, lambda m, n: 32 * 64 * (m + 1) * n, limit):
         rows = order[g0:g1]
-        weighted = data[rows].mul_(grid.inv_sigma2)  # D/σ², in place on the block's copy
-        half_c = ctf2[rows].mul_(0.5).mul_(grid.inv_sigma2)  # ½C/σ²
+        shapes = [(rows.numel(), data.shape[1])] * 2
+        block = workspace.take("fine block", shapes, [data.dtype, ctf2.dtype], data.device)
+        weighted = torch.index_select(data, 0, rows, out=block[0]).mul_(grid.inv_sigma2)  # D/σ²
+        half_c = torch.index_select(ctf2, 0, rows, out=block[1]).mul_(0.5).mul_(grid.inv_sigma2)
         args = (weighted, half_c, refs_full, o_sig[rows], t_sig[rows], grid)
         priors = (log_prior_offset, log_prior_ko)
         part = _fine_block(*args, *priors, fraction, budget_bytes, workspace)
@@ -219,7 +223,6 @@ def _fine_block(
     itemsize = half_c.element_size()
     step = max(1, (budget_bytes // 2) // (8 * V * 3 * itemsize))
     eight = torch.arange(8, device=half_c.device)
-    rows_space = Workspace()  # the data rows of a group (a particle's alone can pass 32 MB)
 
     def group_cost(m: torch.Tensor, n: torch.Tensor) -> torch.Tensor:  # P, |P|², data rows
         return V * itemsize * (24 * m + 18 * n)
@@ -240,7 +243,7 @@ def _fine_block(
         for g0, g1, m, n_t in _working_groups(sizes, group_cost, WORKING_SET_BYTES):
             rows = rows_in[g0:g1]
             proj, power = _group_projections(proj_r, power_r, par[g0:g1, :m])
-            y = rows_data.rows(rows, n_t, rows_space)  # (g, 8·n_t, 2V)
+            y = rows_data.rows(rows, n_t, workspace)  # (g, 8·n_t, 2V)
             cross = torch.bmm(y, proj.transpose(1, 2))  # (g, 8·n_t, 8·m)
             norm = torch.bmm(half_c[rows, None, :], power.transpose(1, 2))  # (g, 1, 8·m)
             _put_scores(scores, cross - norm, rows, slots[g0:g1, :m], eight)
@@ -303,12 +306,13 @@ class _ShiftedRows:
 
     def rows(self, rows: torch.Tensor, n_tc: int, workspace: Workspace) -> torch.Tensor:
         """``(g, 8·n_tc, 2V)`` real: D·e(t_c)·e(δ) for the first ``n_tc`` coarse offsets of the
-        particles ``rows``, children innermost (row ``8j + c``), in ``workspace``."""
+        particles ``rows``, children innermost (row ``8j + c``), in ``workspace``'s "data rows"
+        (one particle's alone can pass 32 MB)."""
         g, V = rows.numel(), self.weighted.shape[1]
         pos = self.parent_pos[rows, :n_tc].reshape(-1)
         shifted = self.parent_phases.index_select(0, pos).view(g, n_tc, V)
         shifted *= self.weighted[rows, None, :]
-        (y,) = workspace.take([(g, n_tc, 8, V)], [shifted.dtype], shifted.device)
+        (y,) = workspace.take("data rows", [(g, n_tc, 8, V)], [shifted.dtype], shifted.device)
         torch.mul(shifted[:, :, None, :], self.child_phases, out=y)
         return torch.view_as_real(y).view(g, 8 * n_tc, 2 * V)
 
@@ -339,11 +343,13 @@ def _project_children(
     """Projections ``(U, 8, V)`` complex of the eight fine children ``8p + c`` of each coarse
     ``ko`` in ``parents (U,)`` sorted (the children of a parent share its class), and their
     powers ``|P|²`` (real), each computed while its chunk is in cache; both are views of
-    ``workspace`` (hundreds of MB: a new array's pages would be faulted in at every call)."""
+    ``workspace``'s "projections" (hundreds of MB: a new array's pages would be faulted in at
+    every call)."""
     n_orient, V, K = grid.rotations.shape[0], len(grid.voxels), refs_full.shape[0]
     dtype = torch.complex64 if refs_full.dtype == torch.float32 else torch.complex128
     shape = (parents.numel(), 8, V)
-    proj, power = workspace.take([shape, shape], [dtype, refs_full.dtype], refs_full.device)
+    kinds = [dtype, refs_full.dtype]
+    proj, power = workspace.take("projections", [shape, shape], kinds, refs_full.device)
     kids = 8 * parents[:, None] + torch.arange(8, device=parents.device)
     class_start = torch.arange(K + 1, device=parents.device) * (n_orient // 8)
     bounds = torch.searchsorted(parents, class_start).tolist()
@@ -442,8 +448,9 @@ def align(
     ``refs_full (K, 2, S, S, S)`` the references' full centred transforms (zero beyond the
     current radius). Temporaries stay under ``search.budget_bytes``: coarse scores by chunks of
     particles, the fine pass by chunks of the union of their orientations (:func:`fine_search`),
-    their projections in ``workspace`` when given (a caller that aligns batch after batch keeps
-    one: the pages of a buffer this size are faulted in again whenever it is allocated anew).
+    its buffers in ``workspace`` when given (a caller that aligns batch after batch keeps one:
+    the pages of a buffer this size are faulted in again whenever it is allocated anew); the
+    fine pass's voxels of the batch in its buffer "fine data", free again on return.
     """
     workspace = Workspace() if workspace is None else workspace
     c_grid, f_grid = search.coarse, search.fine
@@ -472,9 +479,11 @@ def align(
             prob = torch.softmax(scores.reshape(scores.shape[0], -1), dim=1)
             mask = significant_mask(prob, search.fraction, search.max_significant)
             sig.append(mask.reshape(scores.shape))
+        shapes = [(d.shape[0], len(f_grid.voxels))] * 2
+        fine = workspace.take("fine data", shapes, [data.dtype, ctf2.dtype], data.device)
         part = fine_search(
-            f_grid.voxels.take(d),
-            f_grid.voxels.take(c),
+            f_grid.voxels.take(d, out=fine[0]),
+            f_grid.voxels.take(c, out=fine[1]),
             refs_full,
             torch.cat(sig),
             f_grid,
