@@ -46,8 +46,8 @@ def keep_freed_memory() -> bool:
     MB) are still mapped afresh: the standard job spent 902 of 2,858 CPU s in the kernel.
     Serving those from the heap too (``M_MMAP_MAX`` 0) cut that to 128 s but raised its peak
     RSS from 7.0 to 10.7 GiB (heap fragmentation), outside the memory plan: not done; the
-    largest recurring ones are reused instead (:class:`Workspace`, ``refine.Buffers``) or made
-    by chunks under ``WORKING_SET_BYTES``."""
+    largest recurring ones are reused instead (a :class:`Workspace` kept by ``refine.run``) or
+    made by chunks under ``WORKING_SET_BYTES``."""
     if not sys.platform.startswith("linux"):
         return False
     try:
