@@ -102,7 +102,7 @@ class InMemoryParticles:
             }
         )
 
-    def load(self, indices, box=None, device="cpu", threads=1):
+    def load(self, indices, box=None, device="cpu", threads=1, workspace=None):
         idx = torch.as_tensor(indices).reshape(-1).long()
         box = self.box if box is None else int(box)
         t = [self.parts[k][idx] for k in ("data", "ctf2", "multiplicity")]

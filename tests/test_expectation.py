@@ -236,3 +236,17 @@ def test_fine_search_equals_the_dense_scores_of_each_particles_children() -> Non
         expected = torch.where(keep, prob, 0.0)
         expected = (expected / expected.sum(dim=1, keepdim=True)).reshape(got.shape)
         torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_chunk_order_is_a_permutation_sorted_within_chunks_that_keeps_particles_together() -> None:
+    """The fine pass's union order: every position once, ascending within each chunk (the
+    projector takes a class's parents together), and two particles with disjoint orientations
+    spread over the sorted union each land in one chunk."""
+    from denovo3d.engine.expectation import _chunk_order
+
+    # particle 0 uses union positions 0, 2, 4; particle 1 uses 1, 3, 5; padded with n_union
+    o_pos = torch.tensor([[0, 2, 4, 6], [1, 3, 5, 6]])
+    o_ok = o_pos < 6
+    order = _chunk_order(o_pos, o_ok, 6, 3)
+    assert sorted(order.tolist()) == list(range(6))
+    assert order[:3].tolist() == [0, 2, 4] and order[3:].tolist() == [1, 3, 5]

@@ -23,3 +23,23 @@ def test_glibc_accepts_the_allocator_settings() -> None:
 def test_available_and_peak_memory_are_plausible() -> None:
     assert memory.available_bytes() > 1 << 26
     assert memory.peak_rss_bytes() > 1 << 20
+
+
+def test_workspace_reuses_its_buffer_and_grows_when_asked_for_more() -> None:
+    """Views of the right shapes and types, back to back without overlap; a second request of
+    no more bytes gets the same memory (no new mapping), a larger one a larger buffer; another
+    name, another buffer."""
+    import torch
+
+    ws = memory.Workspace()
+    cpu = torch.device("cpu")
+    a, b = ws.take("x", [(3, 5), (7,)], [torch.complex64, torch.float32], cpu)
+    assert a.shape == (3, 5) and a.dtype == torch.complex64 and a.is_contiguous()
+    assert b.shape == (7,) and b.dtype == torch.float32
+    assert b.data_ptr() >= a.data_ptr() + a.numel() * a.element_size()
+    (c,) = ws.take("x", [(2, 5)], [torch.complex64], cpu)
+    assert c.data_ptr() == a.data_ptr()
+    (other,) = ws.take("y", [(2, 5)], [torch.complex64], cpu)
+    assert other.data_ptr() != a.data_ptr()
+    (d,) = ws.take("x", [(1000,)], [torch.float64], cpu)
+    assert d.numel() == 1000 and d.untyped_storage().nbytes() >= 8000

@@ -147,3 +147,18 @@ def test_scratch_copy_reads_the_same_particles_and_is_written_once(
     assert again.use_scratch(tmp_path / "scratch") == path
     assert path.stat().st_mtime_ns == written  # found complete: not written again
     assert list((tmp_path / "scratch").iterdir()) == [path]  # no temporary left
+
+
+def test_loads_into_a_workspace_equal_new_tensors(project: dict) -> None:
+    """Batches loaded into a reused workspace (cached and fresh particles, cropped or not) are
+    the same as new tensors, and a second load reuses the memory of the first."""
+    from denovo3d.memory import Workspace
+
+    ps, ws = load_particle_set(project["particles"]), Workspace()
+    first = ps.load([0, 2], box=8, workspace=ws)
+    assert torch.equal(first.data, load_particle_set(project["particles"]).load([0, 2], 8).data)
+    for rows, box in (([2, 1, 0], 16), ([3, 0], 8)):
+        a, b = ps.load(rows, box, workspace=ws), ps.load(rows, box)
+        for name in ("data", "ctf2", "multiplicity"):
+            assert torch.equal(getattr(a, name), getattr(b, name))
+    assert ps.load([1], 8, workspace=ws).data.data_ptr() == a.data.data_ptr()

@@ -134,3 +134,15 @@ def test_mask_particles_is_relions_soft_mask_outside_on_the_centred_map(box: int
     expected = centred_rfft(soft_mask_outside(centred_irfft(data, box), box / 4, 3.0))
     got = mask_particles(data, box / 2, 3.0)
     assert torch.allclose(got, expected, rtol=0, atol=1e-9 * float(expected.abs().max()))
+
+
+def test_mask_particles_does_not_depend_on_the_batch() -> None:
+    """A particle's masked data are the same whatever batch it is masked with (the edge mean was
+    a GEMV whose sums changed with the number of rows)."""
+    from denovo3d.engine.references import mask_particles
+
+    gen = torch.Generator().manual_seed(5)
+    data = torch.fft.rfftn(torch.randn(40, 34, 34, 34, generator=gen), dim=(-3, -2, -1))
+    whole = mask_particles(data, 24.0, 3.0)
+    for rows in (slice(0, 1), slice(3, 17), slice(29, 40)):
+        assert torch.equal(mask_particles(data[rows], 24.0, 3.0), whole[rows])

@@ -5,11 +5,20 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import os
 import resource
 import sys
 
-__all__ = ["WORKING_SET_BYTES", "available_bytes", "keep_freed_memory", "peak_rss_bytes"]
+import torch
+
+__all__ = [
+    "WORKING_SET_BYTES",
+    "Workspace",
+    "available_bytes",
+    "keep_freed_memory",
+    "peak_rss_bytes",
+]
 
 # Temporaries of one step of the engine's loops over chunks: small enough to stay in the
 # last-level cache and to be reused by the allocator (glibc maps larger blocks afresh and faults
@@ -34,10 +43,11 @@ def keep_freed_memory() -> bool:
     minor page faults 11.4 M -> 3.9 M, the same peak RSS (``benchmarks/bench_refine.py job``).
     Setting these parameters fixes the thresholds (glibc's dynamic adjustment stops), which is
     why both are set together. Blocks above 32 MB (a sub-batch of particles at box 64 is ~100
-    MB) are still mapped afresh: the standard job spends 902 of 2,858 CPU s in the kernel.
+    MB) are still mapped afresh: the standard job spent 902 of 2,858 CPU s in the kernel.
     Serving those from the heap too (``M_MMAP_MAX`` 0) cut that to 128 s but raised its peak
-    RSS from 7.0 to 10.7 GiB (heap fragmentation), outside the memory plan: not done; the fix
-    is to reuse those buffers."""
+    RSS from 7.0 to 10.7 GiB (heap fragmentation), outside the memory plan: not done; the
+    largest recurring ones are reused instead (a :class:`Workspace` kept by ``refine.run``) or
+    made by chunks under ``WORKING_SET_BYTES``."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -49,6 +59,39 @@ def keep_freed_memory() -> bool:
     mallopt.restype = ctypes.c_int
     ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
     return ok and mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES) == 1
+
+
+class Workspace:
+    """Named buffers kept from call to call for temporaries above ``WORKING_SET_BYTES`` that
+    recur (glibc maps such a block afresh every time and the kernel faults in and zeroes its
+    pages again): :meth:`take` hands out views of a name's buffer, growing it when asked for
+    more. Its owner (the refine loop) decides how long they live; the views of a name are valid
+    until that name's next :meth:`take`."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def take(
+        self,
+        name: str,
+        shapes: list[tuple[int, ...]],
+        dtypes: list[torch.dtype],
+        device: torch.device,
+    ) -> list[torch.Tensor]:
+        """Uninitialised tensors of ``shapes`` and ``dtypes``, back to back in buffer ``name``."""
+        sizes = [math.prod(s) * d.itemsize for s, d in zip(shapes, dtypes, strict=True)]
+        sizes = [-(-n // 64) * 64 for n in sizes]  # each view aligned as malloc would
+        total = sum(sizes)
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < total or buf.device != torch.device(device):
+            buf = self._buffers[name] = None  # the old buffer goes before the new one comes
+            self._buffers[name] = torch.empty(total, dtype=torch.uint8, device=device)
+        buf, views, start = self._buffers[name], [], 0
+        for shape, dtype, size in zip(shapes, dtypes, sizes, strict=True):
+            n = math.prod(shape) * dtype.itemsize
+            views.append(buf[start : start + n].view(dtype).view(shape))
+            start += size
+        return views
 
 
 def available_bytes() -> int:

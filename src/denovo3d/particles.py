@@ -32,6 +32,7 @@ from denovo3d.errors import InputError
 from denovo3d.fourier import centred_rfft, fourier_crop
 from denovo3d.io.mrc import read_header, read_mrc
 from denovo3d.io.particles_star import ParticleTables, read_particle_tables, resolve_project_path
+from denovo3d.memory import WORKING_SET_BYTES, Workspace
 
 __all__ = ["MULTIPLICITY_THRESHOLD", "ParticleBatch", "ParticleSet", "load_particle_set"]
 
@@ -323,8 +324,11 @@ class ParticleSet:
         box: int | None = None,
         device: torch.device | str = "cpu",
         threads: int = 1,
+        workspace: Workspace | None = None,
     ) -> ParticleBatch:
-        """Particles ``indices`` (table rows, from 0) as a :class:`ParticleBatch` at ``box``."""
+        """Particles ``indices`` (table rows, from 0) as a :class:`ParticleBatch` at ``box``;
+        on the CPU, views of ``workspace``'s buffer "particles" if given: a caller that loads
+        batch after batch keeps one (new arrays this size are faulted in afresh)."""
         rows = [int(i) for i in torch.as_tensor(indices).reshape(-1).tolist()]
         box = self._cache_box if box is None else int(box)
         if box > self._cache_box:
@@ -335,29 +339,46 @@ class ParticleSet:
         cached = [j for j, r in enumerate(rows) if r in self._cache]
         missing = list(dict.fromkeys(r for r in rows if r not in self._cache))
         fresh = self._read_rows(missing, threads) if missing else ()
-        shape = (self._cache_box, self._cache_box, self._cache_box // 2 + 1)
+        shape = (box, box, box // 2 + 1)
         dtypes = (torch.complex64, torch.float32, torch.float32)
-        tensors = [torch.empty((len(rows), *shape), dtype=dt) for dt in dtypes]
+        shapes = [(len(rows), *shape)] * 3
+        if workspace is None:
+            tensors = [torch.empty(s, dtype=dt) for s, dt in zip(shapes, dtypes, strict=True)]
+        else:
+            tensors = workspace.take("particles", shapes, list(dtypes), torch.device("cpu"))
         if cached:
             slots = torch.tensor([self._cache[rows[j]] for j in cached])
-            for out, slab in zip(tensors, self._slab, strict=True):
-                out[cached] = slab[slots]
+            self._copy_rows(tensors, self._slab, torch.tensor(cached), slots)
         if missing:
             where = {r: j for j, r in enumerate(missing)}
             at = [j for j, r in enumerate(rows) if r in where]
             src = torch.tensor([where[rows[j]] for j in at])
-            for out, new in zip(tensors, fresh, strict=True):
-                out[at] = new[src]
+            self._copy_rows(tensors, fresh, torch.tensor(at), src)
             for j, r in enumerate(missing):
                 slot = self._slot_for(r, fresh)
                 if slot is None:
                     break
                 for slab, new in zip(self._slab, fresh, strict=True):
                     slab[slot] = new[j]
-        if box < self._cache_box:
-            tensors = [fourier_crop(t, box) for t in tensors]
         data, ctf2, mult = (t.to(device) for t in tensors)
         return ParticleBatch(torch.tensor(rows, dtype=torch.int64, device=device), data, ctf2, mult)
+
+    def _copy_rows(
+        self,
+        out: list[torch.Tensor],
+        source: tuple[torch.Tensor, ...],
+        at: torch.Tensor,
+        src: torch.Tensor,
+    ) -> None:
+        """``out[f][at] = crop(source[f][src])`` for D, C and M (``source`` at the cache box,
+        ``out`` at its own box), by chunks of particles under ``WORKING_SET_BYTES``: a batch-sized
+        copy at the cache box would be a new mapping, faulted in at every load."""
+        box = out[0].shape[-2]
+        step = max(1, WORKING_SET_BYTES // self._bytes_per_particle(self._cache_box))
+        for i in range(0, at.numel(), step):
+            for dst, full in zip(out, source, strict=True):
+                part = full.index_select(0, src[i : i + step])
+                dst[at[i : i + step]] = part if box == full.shape[-2] else fourier_crop(part, box)
 
     def use_scratch(self, directory: str | Path, threads: int = 1, chunk: int = 64) -> Path:
         """Read the particles from one file in ``directory`` (``--scratch_dir``), written now

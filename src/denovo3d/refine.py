@@ -219,12 +219,15 @@ def _record(state: RefineState, rows: np.ndarray, al: Alignment, grids: _Iterati
     p["log_likelihood"][rows] = al.log_evidence.cpu().double().numpy()
 
 
-def _load(ps, rows: np.ndarray, box: int, device, cfg: RefineConfig):
-    batch = ps.load(rows, box, device)
+def _load(ps, rows: np.ndarray, box: int, device, cfg: RefineConfig, ws: memory.Workspace):
+    """A sub-batch and its masked data, views of ``ws`` (buffers "particles" and "masked")."""
+    batch = ps.load(rows, box, device, workspace=ws)
     aligned = batch.data
     if cfg.zero_mask:
         diameter_px = cfg.particle_diameter_a / ps.pixel_size_a * box / ps.box
-        aligned = mask_particles(batch.data, diameter_px, cfg.mask_edge_px)
+        d = batch.data
+        (out,) = ws.take("masked", [tuple(d.shape)], [d.dtype], d.device)
+        aligned = mask_particles(d, diameter_px, cfg.mask_edge_px, out=out)
     return batch, aligned
 
 
@@ -243,12 +246,17 @@ def iterate(
     device,
     ranks: distributed.Ranks = distributed.SINGLE,
     progress: Callable[[int, int], None] | None = None,
+    workspace: memory.Workspace | None = None,
 ) -> None:
     """One VDAM iteration (mini-batch) in place: E-step, M-step, update, noise and priors.
 
     ``ranks``: this rank searches its share of the mini-batch; sums are all-reduced.
     ``progress(done, total)`` is called after each sub-batch (progress bar, abort polling); an
-    exception from it leaves ``state`` half-updated, so the caller must drop that state."""
+    exception from it leaves ``state`` half-updated, so the caller must drop that state.
+    ``workspace``: the buffers of the sub-batches (particles, masked data, the E-step's),
+    kept from iteration to iteration by run: arrays of these sizes, hundreds of MB, are
+    mapped afresh and their pages faulted in whenever allocated anew."""
+    workspace = memory.Workspace() if workspace is None else workspace
     it = state.iteration + 1
     K, S = cfg.n_classes, ps.box
     step, tau2 = schedule.step_size(it), schedule.tau2(it)
@@ -265,10 +273,15 @@ def iterate(
     with distributed.together(ranks):  # a rank's bad particle stops every rank
         for start in range(0, len(rows_mine), sub_batch):
             rows = rows_mine[start : start + sub_batch]
-            batch, aligned = _load(ps, rows, grids.box_load, device, cfg)
-            al = align(aligned, batch.ctf2, refs_full, grids.search)
+            batch, aligned = _load(ps, rows, grids.box_load, device, cfg, workspace)
+            al = align(aligned, batch.ctf2, refs_full, grids.search, workspace)
             half = halves[torch.as_tensor(rows, device=device)]
-            data_f, ctf_f = fine.voxels.take(batch.data), fine.voxels.take(batch.ctf2)
+            # the M-step's voxels of the unmasked data in align's "fine data", free again
+            shapes = [(len(rows), len(fine.voxels))] * 2
+            kinds = [batch.data.dtype, batch.ctf2.dtype]
+            data_f, ctf_f = workspace.take("fine data", shapes, kinds, batch.data.device)
+            fine.voxels.take(batch.data, out=data_f)
+            fine.voxels.take(batch.ctf2, out=ctf_f)
             accumulate(
                 acc,
                 data_f,
@@ -325,9 +338,11 @@ def assign_all(
     device,
     ranks: distributed.Ranks = distributed.SINGLE,
     progress: Callable[[int, int], None] | None = None,
+    workspace: memory.Workspace | None = None,
 ) -> None:
     """Best pose of every particle against the final references (no update); with several
     ranks each searches its share of every round and the poses are all-gathered."""
+    workspace = memory.Workspace() if workspace is None else workspace
     grids = _grids(state, cfg, ps, state.iteration, device)
     refs_full = full_centred(_reference_transforms(state.refs, state.current_size))
     step = _sub_batch(cfg, grids.box_load) * ranks.world_size
@@ -336,8 +351,9 @@ def assign_all(
         rows = distributed.share(rows_round, ranks)
         with distributed.together(ranks):
             if len(rows):
-                batch, aligned = _load(ps, rows, grids.box_load, device, cfg)
-                _record(state, rows, align(aligned, batch.ctf2, refs_full, grids.search), grids)
+                batch, aligned = _load(ps, rows, grids.box_load, device, cfg, workspace)
+                al = align(aligned, batch.ctf2, refs_full, grids.search, workspace)
+                _record(state, rows, al, grids)
         distributed.gather_poses(state.poses, rows_round, ranks)
         if progress is not None:
             progress(int(rows_round[-1]) + 1, ps.n)
@@ -479,6 +495,7 @@ def run(
         # with several ranks the abort trigger is polled collectively between iterations
         monitor.poll_abort = not ranks.active
     progress = monitor.sub_batch if monitor is not None else None
+    workspace = memory.Workspace()  # the sub-batches' buffers, reused by every one
     while state.iteration < cfg.n_iter:
         if ranks.active:
             asked = monitor is not None and monitor.abort_requested()
@@ -486,13 +503,13 @@ def run(
                 raise JobAbortedError("abort requested (RELION_JOB_ABORT_NOW)")
         if monitor is not None:
             monitor.start_iteration(f"it {state.iteration + 1}/{cfg.n_iter}")
-        iterate(state, cfg, schedule, ps, device, ranks, progress)
+        iterate(state, cfg, schedule, ps, device, ranks, progress, workspace)
         last = state.iteration == cfg.n_iter
         particles = state.history[-1]["batch"]
         if last:
             if monitor is not None:
                 monitor.next_step("best pose of every particle", particles)
-            assign_all(state, cfg, ps, device, ranks, progress)
+            assign_all(state, cfg, ps, device, ranks, progress, workspace)
             particles += ps.n
         with distributed.together(ranks):  # rank 0's failed write stops every rank
             if ranks.is_writer and (last or state.iteration % cfg.write_iter == 0):

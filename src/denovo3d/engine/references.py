@@ -9,6 +9,7 @@ import torch
 
 from denovo3d.engine.voxels import VoxelSet, hermitian_complete
 from denovo3d.fourier import centred_irfft, splat_rfft
+from denovo3d.memory import WORKING_SET_BYTES
 
 __all__ = [
     "initial_references",
@@ -54,21 +55,31 @@ def non_negative(volume: torch.Tensor) -> torch.Tensor:
     return volume.clamp_min(0)
 
 
-def mask_particles(data: torch.Tensor, diameter_px: float, edge_px: float = 5.0) -> torch.Tensor:
+def mask_particles(
+    data: torch.Tensor, diameter_px: float, edge_px: float = 5.0, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``--zero_mask`` on Fourier data ``(b, s, s, s//2+1)``: soft sphere in real space, outside
-    set to the edge mean; ``diameter_px`` in pixels of this box."""
+    set to the edge mean; ``diameter_px`` in pixels of this box (into ``out`` if given)."""
     box = data.shape[-2]
     dims = (-3, -2, -1)
     # work in the transform's own frame (origin at voxel 0): the mask is shifted once instead of
     # every particle twice; vol·m + bg·(1 - m) in place as (vol - bg)·m + bg
-    vol = torch.fft.irfftn(data, s=(box, box, box), dim=dims)
     m = torch.fft.ifftshift(soft_sphere(box, diameter_px / 2, edge_px, data.device), dim=dims)
-    m = m.to(vol.dtype).reshape(-1)
-    ring = ((m < 1) & (m > 0)).to(vol.dtype)
-    flat = vol.reshape(*vol.shape[:-3], -1)
-    bg = (flat @ ring / ring.sum().clamp_min(1))[..., None]
-    flat.sub_(bg).mul_(m).add_(bg)
-    return torch.fft.rfftn(vol, dim=dims).to(data.dtype)
+    m = m.to(data.real.dtype).reshape(-1)
+    ring = torch.nonzero((m < 1) & (m > 0)).squeeze(1)  # the edge zone
+    n_ring = max(1, ring.numel())
+    out = torch.empty_like(data) if out is None else out
+    # by chunks of particles under the working set: whole-batch volumes would be new mappings,
+    # their pages faulted in at every sub-batch. The edge mean is a sum per particle (a GEMV
+    # summed differently with the number of rows: a particle's result hung on its sub-batch)
+    step = max(1, WORKING_SET_BYTES // (box**3 * m.element_size()))
+    for i in range(0, data.shape[0], step):
+        vol = torch.fft.irfftn(data[i : i + step], s=(box, box, box), dim=dims)
+        flat = vol.reshape(vol.shape[0], -1)
+        bg = (flat.index_select(1, ring).sum(dim=1) / n_ring)[:, None]
+        flat.sub_(bg).mul_(m).add_(bg)
+        torch.fft.rfftn(vol, dim=dims, out=out[i : i + step])
+    return out
 
 
 def initial_references(

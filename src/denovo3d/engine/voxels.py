@@ -52,9 +52,11 @@ class VoxelSet:
     def __len__(self) -> int:
         return int(self.index.numel())
 
-    def take(self, volumes: torch.Tensor) -> torch.Tensor:
-        """``(..., s, s, s//2+1)`` -> ``(..., V)`` (the volumes must be at ``box``)."""
-        return volumes.reshape(*volumes.shape[:-3], -1)[..., self.index]
+    def take(self, volumes: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``(..., s, s, s//2+1)`` -> ``(..., V)`` (the volumes must be at ``box``; into ``out``
+        if given)."""
+        flat = volumes.reshape(*volumes.shape[:-3], -1)
+        return torch.index_select(flat, -1, self.index, out=out)
 
     def phases(self, offsets_px: torch.Tensor, box: int) -> torch.Tensor:
         """``exp(+2πi k·t/box)`` for offsets ``(T, 3)`` px -> ``(T, V)`` complex: multiplying a
