@@ -278,9 +278,10 @@ def pair_residuals(
     ``s`` the local signal power (the band's smoothed ``|F|²`` less the shell's ``noise_power``,
     at least ``floor``) and ``σ²`` the shell's noise power. Each copy is filtered by the other's
     local amplitude, so a filter that does not turn with the map (wedge, anisotropic blur)
-    cancels at the true axes, and every residual has the expected value 1 there: unlike the
-    normalised correlation, whose denominator moves with ``h``, noisy frequencies cannot pull
-    the optimum. Needs ``prepare_band(..., with_power=True)``; ``shell_weights`` weight shells.
+    cancels at the true axes, and every residual has an expected value of about 1 there:
+    unlike the normalised correlation, whose denominator moves with ``h``, noisy frequencies
+    cannot pull the optimum. Needs ``prepare_band(..., with_power=True)``; ``shell_weights``
+    weight shells.
     """
     q, sampled = _copy(band, h, shift_px)
     noise = noise_power.to(sampled.real.dtype)[band.shells]
