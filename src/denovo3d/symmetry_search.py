@@ -51,7 +51,8 @@ class FourierBand:
     ``low <= |k| <= high``, ``values (V,)`` ``F(k)``, ``weights (V,)`` (2: each kept k stands
     for k and -k; half the kx = 0 plane is kept), ``box`` of the input map, ``shells (V,)``;
     ``power (1, 1, S, S, S)`` the local power ``|F|²`` smoothed over neighbouring frequencies
-    (:func:`local_power`; only where the residual score is wanted).
+    (:func:`local_power`; only where the residual score is wanted) and ``power_values (V,)``
+    its samples at ``coords`` (fixed, like ``values``: sampled once).
     """
 
     grid: torch.Tensor
@@ -62,6 +63,7 @@ class FourierBand:
     box: int
     shells: torch.Tensor
     power: torch.Tensor | None = None
+    power_values: torch.Tensor | None = None
 
 
 def full_grid(volume: torch.Tensor, pad: int) -> torch.Tensor:
@@ -183,7 +185,8 @@ def prepare_band(
     band = FourierBand(grid, pad, coords, coords[:, 0], coords[:, 0], s, shells, power)
     values = sample_band(band, coords)
     weights = torch.full_like(coords[:, 0], 2.0)  # each kept k stands for k and -k
-    return replace(band, values=values, weights=weights)
+    power_values = sample_power(band, coords) if with_power else None
+    return replace(band, values=values, weights=weights, power_values=power_values)
 
 
 def keep_shells(band: FourierBand, shell_weights: torch.Tensor, floor: float = 0.02) -> FourierBand:
@@ -197,6 +200,7 @@ def keep_shells(band: FourierBand, shell_weights: torch.Tensor, floor: float = 0
         values=band.values[keep],
         weights=band.weights[keep],
         shells=band.shells[keep],
+        power_values=None if band.power_values is None else band.power_values[keep],
     )
 
 
@@ -285,7 +289,8 @@ def pair_residuals(
     """
     q, sampled = _copy(band, h, shift_px)
     noise = noise_power.to(sampled.real.dtype)[band.shells]
-    s_k = (sample_power(band, band.coords) - noise).clamp(min=floor)
+    assert band.power_values is not None, "prepare_band(..., with_power=True) samples the power"
+    s_k = (band.power_values - noise).clamp(min=floor)
     s_q = (sample_power(band, q) - noise).clamp(min=floor)
     diff = s_q.sqrt() * band.values - s_k.sqrt() * sampled
     residual = (diff.real**2 + diff.imag**2) / ((s_k + s_q) * noise.clamp(min=floor))
