@@ -10,6 +10,10 @@ within the phantoms' particle diameter (40 px, as the de novo job passes its --p
 
     .venv/bin/python benchmarks/bench_symmetry.py --trials 100 --groups C2,C6,C7,D2,D7,T,O,I
     .venv/bin/python benchmarks/bench_symmetry.py --trials 5 --relion   # side by side
+    .venv/bin/python benchmarks/bench_symmetry.py --detect --trials 5 --groups C1,C2,O,I
+
+``--detect`` runs the group detection (all candidates Cn, Dn n <= 12, T, O, I) on the same
+phantoms instead (C1: the asymmetric subunit alone) and counts the right verdicts.
 
 Trials run round robin over the groups (an interrupted run has every group's first trials); times
 are wall-clock and CPU seconds (CPU is the fair comparison on a shared machine). RELION's
@@ -37,7 +41,7 @@ from tests.symmetry_phantoms import PARTICLE_DIAMETER_PX, recovery_trial
 from denovo3d.geometry.euler import euler_to_matrix
 from denovo3d.geometry.symmetry import point_group
 from denovo3d.io.mrc import write_mrc
-from denovo3d.symmetry_align import AlignParams, align_symmetry
+from denovo3d.symmetry_align import AlignParams, align_symmetry, detect_symmetry
 from denovo3d.symmetry_search import orientation_error_deg
 
 
@@ -78,6 +82,29 @@ def _summary(name: str, errs: list[float], secs: list[float], cpu: list[float]) 
     )
 
 
+def detection(names: list[str], trials: range, diameter: float | None) -> None:
+    """Detection on every group's phantoms: the verdict, its significance, the runner-up."""
+    right: dict[str, list[bool]] = {n: [] for n in names}
+    for trial in trials:
+        for name in names:
+            volume, _ = recovery_trial(name, trial)
+            cpu = time.process_time()
+            found = detect_symmetry(
+                volume, params=AlignParams(seed=trial, mask_diameter_px=diameter)
+            )
+            cpu = time.process_time() - cpu
+            right[name].append(found.verdict == name)
+            best = sorted(found.rows, key=lambda r: -r.significance)[:4]
+            table = " ".join(f"{r.group}:{r.score:.2f}/{r.significance:.1f}" for r in best)
+            print(
+                f"{name} trial {trial}: verdict {found.verdict} (runner-up {found.runner_up}, "
+                f"evidence {found.evidence:.1f}) {cpu:.0f} s CPU | score/significance {table}",
+                flush=True,
+            )
+    for name in names:
+        print(f"SUMMARY {name}: {sum(right[name])}/{len(right[name])} right", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--groups", default="C2,C6,C7,D2,D7,T,O,I")
@@ -88,14 +115,18 @@ def main() -> None:
         "--relion_trials", type=int, default=None, help="RELION on the first N trials only"
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--detect", action="store_true", help="detection instead of alignment")
     parser.add_argument(
         "--particle_diameter_px", type=float, default=PARTICLE_DIAMETER_PX, help="0: whole box"
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     diameter = args.particle_diameter_px if args.particle_diameter_px > 0 else None
-    use_relion = args.relion and shutil.which("relion_align_symmetry") is not None
     names = args.groups.split(",")
+    if args.detect:
+        detection(names, range(args.first, args.first + args.trials), diameter)
+        return
+    use_relion = args.relion and shutil.which("relion_align_symmetry") is not None
     ours: dict[str, tuple[list[float], list[float], list[float]]] = {n: ([], [], []) for n in names}
     theirs: dict[str, tuple[list[float], list[float], list[float]]] = {
         n: ([], [], []) for n in names

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import mrcfile
@@ -12,7 +13,7 @@ import torch
 from denovo3d import symmetry_align
 from denovo3d.cli import main as cli_main
 from denovo3d.geometry.euler import random_rotations
-from denovo3d.geometry.symmetry import point_group, symmetrise
+from denovo3d.geometry.symmetry import axis_rotation, point_group, symmetrise
 from denovo3d.io.mrc import read_mrc, write_mrc
 from denovo3d.io.star import read_star, write_star
 from denovo3d.symmetry_align import (
@@ -27,9 +28,12 @@ from denovo3d.symmetry_align import (
 from denovo3d.symmetry_search import (
     local_power,
     orientation_error_deg,
+    pair_correlations,
     pair_residuals,
     prepare_band,
+    remove_spherical_average,
     spherical_mask,
+    turn_excess,
 )
 from tests.symmetry_phantoms import degrade, phantom
 
@@ -142,7 +146,8 @@ def test_cli_bad_group_and_missing_class_map(tmp_path: Path, capsys) -> None:
 
 
 def test_cli_detect_symmetry(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
-    volume, _, _ = _turned("C3", 6, box=32)
+    # box 64: at box 32 the detection band (3-6 cycles) holds too little to be significant
+    volume, _, _ = _turned("C3", 6)
     src = _write_map(tmp_path / "c3.mrc", volume)
     assert cli_main(["detect-symmetry", str(src), "--candidates", "C2,C3"]) == 0
     text = capsys.readouterr().out
@@ -229,3 +234,69 @@ def test_spherical_mask_radius() -> None:
     assert bool((tight[rad <= 6] == 1).all()) and bool((tight[rad >= 10] == 0).all())
     assert bool((full[rad <= 11] == 1).all()) and bool((full[rad >= 15] == 0).all())
     assert torch.equal(spherical_mask(32, like, radius_px=40.0), full)  # never past the box
+
+
+def _grid(box: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r = torch.arange(box, dtype=torch.float64) - box // 2
+    zz, yy, xx = torch.meshgrid(r, r, r, indexing="ij")
+    return xx, yy, zz
+
+
+def test_spherical_average_removed_about_an_off_grid_centre() -> None:
+    box, centre = 32, torch.tensor([1.3, -0.7, 0.4], dtype=torch.float64)
+    xx, yy, zz = _grid(box)
+    d2 = (xx - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (zz - centre[2]) ** 2
+    radial = torch.exp(-d2 / (2 * 4.0**2))
+    blob = 0.3 * torch.exp(-((xx - 6) ** 2 + (yy - 2) ** 2 + (zz + 3) ** 2) / (2 * 1.5**2))
+    out = remove_spherical_average(radial + blob, centre)
+    # the average over whole-pixel shells (not the function's half-pixel bins) is ~0 everywhere
+    shell = d2.sqrt().floor().long()
+    for k in range(1, 14):
+        assert abs(float(out[shell == k].mean())) < 0.01
+    # a radial map goes (almost) entirely; the off-centre blob stays
+    assert float(remove_spherical_average(radial, centre).abs().max()) < 0.02
+    corr = float((out * blob).sum() / (out.norm() * blob.norm()))
+    assert corr > 0.95
+
+
+def test_turn_excess_credits_symmetry_not_a_cylinder() -> None:
+    box = 32
+    volume = phantom("C4", box, seed=3, max_radius_px=11.0).float()
+    band = prepare_band(volume, torch.zeros(3), 2.0, 8.0)
+    c4 = point_group("C4").operators[1:].float()  # 90, 180, 270 degrees about z
+    assert float(turn_excess(band, c4).min()) > 0.8
+    # wrong turns: 45 degrees about the axis (as far from the symmetry's as can be), a quarter
+    # turn about x
+    axes = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    wrong = axis_rotation(axes, torch.tensor([math.pi / 4, math.pi / 2]))
+    assert float(turn_excess(band, wrong).max()) < 0.2
+    # a rod along z with a small asymmetric blob: any turn about z agrees (ρ high) but not
+    # beyond the other turns (excess low)
+    xx, yy, zz = _grid(box)
+    rod = torch.exp(-(xx**2 + yy**2) / (2 * 2.0**2) - zz**2 / (2 * 8.0**2))
+    blob = 0.15 * torch.exp(-((xx - 4) ** 2 + (yy - 1) ** 2 + (zz - 3) ** 2) / (2 * 1.5**2))
+    band = prepare_band((rod + blob).float(), torch.zeros(3), 2.0, 8.0)
+    turn = axis_rotation(torch.tensor([0.0, 0.0, 1.0]), torch.tensor(2 * math.pi / 7))[None]
+    assert float(pair_correlations(band, turn)[0]) > 0.8
+    assert float(turn_excess(band, turn)[0]) < 0.3
+
+
+def test_detection_verdict_rules() -> None:
+    def ev(group: str, score: float, z: float) -> symmetry_align.GroupEvidence:
+        return symmetry_align.GroupEvidence(group, point_group(group).order, score, z)
+
+    decide = symmetry_align.decide
+    # a ring of C7 subunits: D7's flips agree (0.58 > 0.45, significant) but far less than C7's
+    # turns (0.88): C7, with D7 as the runner-up
+    ring = decide([ev("C7", 0.88, 17.7), ev("D7", 0.58, 22.0), ev("C2", 0.3, 2.0)], -0.1, 0.2)
+    assert (ring.verdict, ring.runner_up) == ("C7", "D7")
+    # a true D7: its flips agree as well as its turns: the larger group; the runner-up is not
+    # one of its own subgroups
+    true = decide([ev("C7", 0.88, 17.7), ev("D7", 0.84, 22.0), ev("C2", 0.9, 5.0)], -0.1, 0.2)
+    assert true.verdict == "D7" and true.runner_up is None
+    # the best chance 2-fold of an asymmetric map: agrees, but not significantly
+    chance = decide([ev("C2", 0.74, 4.9), ev("C3", 0.2, 1.5)], -0.1, 0.2)
+    assert (chance.verdict, chance.runner_up) == ("C1", "C2")
+    # O holds over T (its index-2 subgroup) though its wedge-crossed elements agree least
+    octa = decide([ev("O", 0.51, 14.7), ev("T", 0.50, 9.6), ev("C2", 0.80, 5.4)], -0.1, 0.17)
+    assert octa.verdict == "O"

@@ -94,4 +94,4 @@ def test_auto_on_an_asymmetric_map_says_c1_names_runner_up_and_keeps_the_map(
     assert general["denovoSymmetryRunnerUp"] in blocks["symmetry_detection"]["denovoGroup"].values
     assert "symmetry_operators" not in blocks
     page = _symmetry_html(find_job(tmp_path))
-    assert "denovoGroupAgreement" in page and "denovoSymmetryRunnerUp" in page
+    assert "denovoGroupSignificance" in page and "denovoSymmetryRunnerUp" in page

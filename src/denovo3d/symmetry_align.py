@@ -31,9 +31,11 @@ from denovo3d.symmetry_search import (
     pair_residuals,
     prepare_band,
     reduce_to_cell,
+    remove_spherical_average,
     search_rotations,
     shell_correlations,
     so3_grid,
+    turn_excess,
 )
 
 __all__ = [
@@ -47,7 +49,9 @@ __all__ = [
     "align_symmetry",
     "apply_alignment",
     "centre_of_mass",
+    "decide",
     "detect_symmetry",
+    "detection_band",
     "prepare_bands",
     "subgroups",
 ]
@@ -345,97 +349,145 @@ CANDIDATES = tuple(
 
 @dataclass(frozen=True)
 class GroupEvidence:
-    """One candidate group: ``score`` the 20th percentile of the map's correlations with its copies
-    under the group's operators at the best of the search's distinct optima (one band for all
-    groups); ``agreement`` = (score - null) / (best - null). A low percentile, not the mean: a
-    near-cylindrical blob agrees with small turns about its long axis but not with large ones, a
-    truly symmetric map with all its group's turns (not the minimum either: noise would then
-    penalise large groups)."""
+    """One candidate group at the best of its optima: ``score`` the 20th percentile (the lower
+    sample: the minimum for up to 5) over the group's operators (one of each pair ``g, g⁻¹``)
+    of their :func:`~.turn_excess`, the fraction of the map's non-cylindrical part about each
+    axis that agrees with its copy. A low percentile, not the mean: at least half the elements
+    of a group larger than the true one are wrong and pull it down (so its subgroups need no
+    test of their own); not the minimum: noise, or a missing wedge that two copies see from
+    different sides, would then penalise large groups. ``significance`` = ``(score - null) /
+    null_sd · √m`` for ``m`` operator pairs: the score in standard deviations of the excess of
+    randomly turned copies, grown with the number of elements that agree (the best single axis
+    of an asymmetric map can agree by chance, all of an octahedron's 16 pairs cannot)."""
 
     group: str
     order: int
     score: float
-    agreement: float
+    significance: float
 
 
 @dataclass(frozen=True)
 class Detection:
-    """Ranked candidates, the correlation ``null`` of the map with randomly turned copies of
-    itself, the ``evidence`` (best - null) / (1 - null), the ``verdict`` and the ``runner_up``."""
+    """Ranked candidates, the median ``null`` and spread ``null_sd`` of the excess of randomly
+    turned copies, the ``evidence`` (significance of the verdict, or of the best group when the
+    verdict is C1), the ``verdict`` and the ``runner_up``."""
 
     rows: tuple[GroupEvidence, ...]
     null: float
+    null_sd: float
     evidence: float
     verdict: str
     runner_up: str | None
 
     def table(self) -> str:
-        lines = [f"{'group':>6} {'order':>5} {'score':>7} {'agreement':>9}"]
+        lines = [f"{'group':>6} {'order':>5} {'score':>7} {'significance':>12}"]
         for r in self.rows:
-            lines.append(f"{r.group:>6} {r.order:>5} {r.score:>7.4f} {r.agreement:>9.3f}")
-        lines.append(f"random-rotation correlation {self.null:.4f}; evidence {self.evidence:.3f}")
+            lines.append(f"{r.group:>6} {r.order:>5} {r.score:>7.4f} {r.significance:>12.2f}")
+        lines.append(
+            f"random turns: excess {self.null:.4f} +- {self.null_sd:.4f}; "
+            f"evidence {self.evidence:.2f}"
+        )
         other = f" (runner-up {self.runner_up})" if self.runner_up else ""
         lines.append(f"verdict: {self.verdict}{other}")
         return "\n".join(lines)
+
+
+# calibrated on the recovery phantoms (trials 0-4 of every group) and asymmetric ones (0-9):
+# docs/architecture.md, "Detection"
+DETECT_ACCEPT = 0.45
+DETECT_MIN_SIGNIFICANCE = 6.3
+DETECT_MIN_RATIO = 0.8
+
+
+def detection_band(
+    volume: torch.Tensor, centre_px: torch.Tensor, params: AlignParams
+) -> FourierBand:
+    """The band detection scores: frequencies 3 to ``3·box/16`` cycles of the working box (finer
+    than the global search's: at low resolution any compact blob looks like a cylinder) of the
+    map less its spherical average about ``centre_px``, within the particle's sphere."""
+    s = volume.shape[-1]
+    work = min(params.box_size, s - s % 2)
+    v = remove_spherical_average(volume.to(torch.float32), centre_px.to(torch.float32))
+    return prepare_band(v, centre_px, 3.0, 3 * work / 16, mask_radius_px=params.mask_radius_px)
 
 
 def detect_symmetry(
     volume: torch.Tensor,
     candidates: tuple[str, ...] | None = None,
     params: AlignParams | None = None,
-    accept: float = 0.9,
-    min_evidence: float = 0.55,
+    accept: float = DETECT_ACCEPT,
+    min_significance: float = DETECT_MIN_SIGNIFICANCE,
+    min_ratio: float = DETECT_MIN_RATIO,
     bands: Bands | None = None,
 ) -> Detection:
     """Rank point groups by how well ``volume (s, s, s)`` agrees with its symmetry copies.
 
-    A group's agreement is its score relative to the best group's, both above the null (the
-    correlation with randomly turned copies): every element of a true group agrees as well as
-    the best single axis does, while a group with even one wrong element in two falls below 0.5.
-    A group holds when it and its subgroups among the candidates all reach ``accept``. The
-    verdict is the largest group that holds, if the best score stands clearly above the null
-    (``evidence >= min_evidence``, calibrated on asymmetric phantoms); otherwise C1, naming the
-    best-scoring group as runner-up.
+    Each candidate's distinct optima of the global search are refined on the detection band
+    (:func:`detection_band`) and scored by the excess agreement of its elements over turns by
+    other angles about the same axes (:class:`GroupEvidence`). A group holds when its score
+    reaches ``accept``, its significance ``min_significance``, and ``min_ratio`` times the score
+    of each of its index-2 subgroups among the candidates (Cn in Dn, T in O, ...). The verdict
+    is the largest group that holds, the runner-up the most significant other group that is not
+    one of its subgroups; when none holds, C1, naming the most significant group as runner-up.
     """
     params = params or AlignParams()
     candidates = CANDIDATES if candidates is None else candidates
     bands = bands if bands is not None else prepare_bands(volume, params)
-    s = volume.shape[-1]
-    work = min(params.box_size, s - s % 2)
-    # finer than the search band: at low resolution any compact blob looks like a cylinder
-    v = volume.to(torch.float32)
-    band = prepare_band(
-        v, bands.centre_px, 3.0, 3 * work / 16, mask_radius_px=params.mask_radius_px
-    )
+    band = detection_band(volume, bands.centre_px, params)
     gen = torch.Generator().manual_seed(params.seed + 1)
-    random_h = so3_grid(256, gen)
-    null = float(pair_correlations(band, random_h.float()).median())
-    scores = {}
+    null_excess = turn_excess(band, so3_grid(128, gen).float())
+    null, null_sd = float(null_excess.median()), max(float(null_excess.std()), 1e-3)
+    rows = []
     for name in candidates:
         g = point_group(name)
-        # every distinct optimum of the coarse search, judged on the finer band (the coarse
-        # band's best can be a wrong setting, e.g. one sharing some of the axes)
-        best = -math.inf
+        pairs, _ = operator_pairs(g)
+        score = -math.inf
         for r, shift, _ in _coarse_alignment(bands, g, params):
-            h = (r.T @ g.operators[1:] @ r).float()
-            rho = pair_correlations(band, h, shift.float())
-            best = max(best, float(torch.quantile(rho, 0.2)))
-        scores[name] = (g.order, best)
-    top = max(s for _, s in scores.values())
-    span = max(top - null, 1e-6)
-    rows = [GroupEvidence(n, o, s, (s - null) / span) for n, (o, s) in scores.items()]
-    agree = {r.group for r in rows if r.agreement >= accept}
-    # a group holds only if each of its subgroups among the candidates holds too (a compact
-    # blob agrees with turns by small angles about its long axis, but not with a half turn)
-    held = {n for n in agree if subgroups(n) & set(scores) <= agree}
-    rows.sort(key=lambda e: (e.group in held, e.order, e.score), reverse=True)
-    evidence = (top - null) / max(1 - null, 1e-6)
-    best = rows[0].group if rows else None
-    if evidence >= min_evidence and best in held:
-        second = next((r.group for r in rows[1:] if r.group in held), None)
-        return Detection(tuple(rows), null, evidence, best, second)
-    runner_up = max(rows, key=lambda e: e.score).group if rows else None
-    return Detection(tuple(rows), null, evidence, "C1", runner_up)
+            # the global search's optimum can be degrees off at its low resolution (O, I)
+            r, shift, _ = refine(band, g, r, params.refine_iterations, None, shift)
+            excess = turn_excess(band, (r.T @ pairs.to(r) @ r).float(), shift.float())
+            score = max(score, float(torch.quantile(excess, 0.2, interpolation="lower")))
+        z = (score - null) / null_sd * math.sqrt(pairs.shape[0])
+        rows.append(GroupEvidence(name, g.order, score, z))
+    return decide(rows, null, null_sd, accept, min_significance, min_ratio)
+
+
+def decide(
+    rows: list[GroupEvidence],
+    null: float,
+    null_sd: float,
+    accept: float = DETECT_ACCEPT,
+    min_significance: float = DETECT_MIN_SIGNIFICANCE,
+    min_ratio: float = DETECT_MIN_RATIO,
+) -> Detection:
+    """The verdict of :func:`detect_symmetry` from its candidates' evidence ``rows``."""
+    scores = {r.group: r.score for r in rows}
+    orders = {r.group: r.order for r in rows}
+
+    def adds_agreeing_elements(name: str) -> bool:
+        """The elements ``name`` adds to each of its index-2 subgroups agree about as well as the
+        subgroup's own: a ring of Cn subunits agrees in part with the flips of Dn (at the level of
+        the ring), but clearly less than with its true turns."""
+        halves = [h for h in subgroups(name) if h in scores and 2 * orders[h] == orders[name]]
+        return all(scores[name] >= min_ratio * scores[h] for h in halves)
+
+    chosen = {
+        r.group
+        for r in rows
+        if r.score >= accept
+        and r.significance >= min_significance
+        and adds_agreeing_elements(r.group)
+    }
+    ranked = sorted(rows, key=lambda e: (e.group in chosen, e.order, e.significance), reverse=True)
+    if chosen:
+        verdict = ranked[0]
+        # the best other explanation: not the verdict's own subgroups, which agree with it
+        others = [r for r in ranked[1:] if r.group not in subgroups(verdict.group)]
+        second = max(others, key=lambda e: e.significance).group if others else None
+        return Detection(tuple(ranked), null, null_sd, verdict.significance, verdict.group, second)
+    best = max(rows, key=lambda e: e.significance) if rows else None
+    evidence = best.significance if best else 0.0
+    return Detection(tuple(ranked), null, null_sd, evidence, "C1", best.group if best else None)
 
 
 def subgroups(name: str) -> set[str]:

@@ -33,11 +33,13 @@ __all__ = [
     "pair_correlations",
     "pair_residuals",
     "prepare_band",
+    "remove_spherical_average",
     "sample_band",
     "sample_power",
     "search_rotations",
     "shell_correlations",
     "spherical_mask",
+    "turn_excess",
 ]
 
 
@@ -138,6 +140,32 @@ def spherical_mask(
     inner = inner if radius_px is None else min(inner, radius_px)
     x = ((rad - inner) / edge_px).clamp(0.0, 1.0)
     return 0.5 * (1 + torch.cos(torch.pi * x))
+
+
+def remove_spherical_average(volume: torch.Tensor, centre_px: torch.Tensor) -> torch.Tensor:
+    """``volume (s, s, s)`` less its spherical average about ``centre_px`` (xyz offset from voxel
+    ``s // 2``; means over half-pixel shells, linear in the radius between them). That part is
+    unchanged by every rotation about the centre, so it agrees with any turn and tells nothing
+    about the group; at low resolution it is most of a compact assembly's power (an O
+    or I phantom correlates 0.8 with randomly turned copies of itself)."""
+    s = volume.shape[-1]
+    r = torch.arange(s, dtype=volume.dtype, device=volume.device) - s // 2
+    c = centre_px.to(volume)
+    dist = (
+        (r[None, None, :] - c[0]) ** 2
+        + (r[None, :, None] - c[1]) ** 2
+        + (r[:, None, None] - c[2]) ** 2
+    ).sqrt()
+    bins = (2 * dist).floor().long().flatten()
+    n = int(bins.max()) + 1
+    count = volume.new_zeros(n).index_add_(0, bins, torch.ones_like(dist).flatten())
+    used = count > 0  # the innermost half-pixel shells can hold no voxel
+    radius = (volume.new_zeros(n).index_add_(0, bins, dist.flatten()) / count.clamp(min=1))[used]
+    mean = (volume.new_zeros(n).index_add_(0, bins, volume.flatten()) / count.clamp(min=1))[used]
+    # linear in the distance between the shells' mean radii
+    j = torch.searchsorted(radius, dist.flatten()).clamp(1, radius.numel() - 1)
+    w = ((dist.flatten() - radius[j - 1]) / (radius[j] - radius[j - 1])).clamp(0.0, 1.0)
+    return volume - (mean[j - 1] * (1 - w) + mean[j] * w).reshape(volume.shape)
 
 
 def shell_rms(ft: torch.Tensor) -> torch.Tensor:
@@ -308,6 +336,33 @@ def shell_correlations(
     num_s = torch.zeros(n, dtype=num.dtype).index_add_(0, band.shells, num.sum(0))
     den_s = torch.zeros(n, dtype=num.dtype).index_add_(0, band.shells, den.sum(0))
     return num_s / den_s.clamp(min=torch.finfo(num.dtype).tiny)
+
+
+def turn_excess(
+    band: FourierBand,
+    h: torch.Tensor,
+    shift_px: torch.Tensor | None = None,
+    n_turns: int = 12,
+    skip_deg: float = 20.0,
+) -> torch.Tensor:
+    """How far the map agrees with its copy by each proper rotation ``h (m, 3, 3)`` beyond what
+    any turn about the same axis gives -> ``(m,)``: ``(ρ(h) - ρ̄) / (1 - ρ̄)``, ``ρ̄`` the mean
+    ``ρ`` of ``n_turns`` turns about ``h``'s axis by angles from ``skip_deg`` to ``360 -
+    skip_deg``. The part of a map that is cylindrical about an axis agrees with every turn about
+    it (a compact blob at low resolution with any Cn about its long axis): only the rest, the
+    fraction of it that agrees, is evidence that ``h`` is a symmetry. About 1 for a symmetry
+    (less with noise), about 0 for a wrong turn."""
+    axes, _ = _axis_angle(h.to(torch.float64))
+    angles = torch.linspace(
+        math.radians(skip_deg), 2 * math.pi - math.radians(skip_deg), n_turns, dtype=torch.float64
+    )
+    turns = axis_rotation(
+        axes[:, None, :].expand(-1, n_turns, -1), angles.expand(axes.shape[0], -1)
+    )
+    dtype = band.coords.dtype
+    rho = pair_correlations(band, h.to(dtype), shift_px)
+    mean = pair_correlations(band, turns.to(dtype), shift_px).mean(-1)
+    return (rho - mean) / (1 - mean).clamp(min=1e-3)
 
 
 def operator_pairs(group: PointGroup) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,10 +1,12 @@
 """Detect the point group of a map: rank Cn, Dn (n = 2..12), T, O, I by symmetry agreement.
 
-Each candidate group is aligned to the map (seeded global search, local refinement, at low
-resolution); its score is the map's mean correlation with its copies under the group's operators.
-A group's agreement compares its score with the best group's, both above the correlation with
-randomly turned copies. The verdict is the largest group whose elements all agree (agreement
->= 0.9), when the evidence is clear; otherwise C1, with the runner-up named.
+Each candidate group is aligned to the map (seeded global search, local refinement) and scored
+on frequencies of 3 to 3·box/16 cycles of the working box, the spherical average removed:
+per element, how much more its copy agrees than turns by other angles about the same axis do
+(the excess), the group's score being the 20th percentile over its elements, and its
+significance that score in standard deviations of randomly turned copies' excess, times the
+square root of its number of elements. The verdict is the largest group that holds (score >=
+0.45, significance >= 6.3); otherwise C1, with the runner-up named.
 
 Example:
     denovo3d detect-symmetry InitialModel/job012/run_it200_class001.mrc

@@ -9,10 +9,12 @@ Blocks (read by ``denovo3d report``, which shows them as the symmetry scores tab
   written is ``V(Rᵀx + c)`` with ``R`` the matrix of these angles), the shift ``c`` of the
   symmetry centre from the box centre ``rlnOriginX/Y/ZAngst`` (Å), the mean correlation with the
   symmetry copies ``denovoSymmetryScore``; after detection also ``denovoDetectedGroup``,
-  ``denovoSymmetryRunnerUp``, ``denovoSymmetryEvidence`` and ``denovoRandomTurnCorrelation``.
+  ``denovoSymmetryRunnerUp``, ``denovoSymmetryEvidence`` (the verdict's significance) and the
+  excess agreement of randomly turned copies ``denovoRandomTurnExcess`` (median) and
+  ``denovoRandomTurnExcessSd``.
 - ``symmetry_operators``: per non-identity operator of the group (standard orientation), its
   turn angle, direction and the map's correlation with its copy under it.
-- ``symmetry_detection``: per candidate group, order, score and agreement (when detection ran).
+- ``symmetry_detection``: per candidate group, order, score and significance (when detection ran).
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ def write_symmetry_star(
                 "denovoDetectedGroup": detection.verdict,
                 "denovoSymmetryRunnerUp": detection.runner_up or "none",
                 "denovoSymmetryEvidence": detection.evidence,
-                "denovoRandomTurnCorrelation": detection.null,
+                "denovoRandomTurnExcess": detection.null,
+                "denovoRandomTurnExcessSd": detection.null_sd,
             }
         )
     # key-value blocks are written with str(): the same 8 significant digits as the loops
@@ -90,7 +93,7 @@ def write_symmetry_star(
                 "denovoGroup": [r.group for r in detection.rows],
                 "denovoGroupOrder": [r.order for r in detection.rows],
                 "denovoGroupScore": [r.score for r in detection.rows],
-                "denovoGroupAgreement": [r.agreement for r in detection.rows],
+                "denovoGroupSignificance": [r.significance for r in detection.rows],
             }
         )
     return write_star(path, blocks)
