@@ -18,6 +18,9 @@
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
+#if defined(__x86_64__)
+#include <immintrin.h>  // AVX2 intrinsics, used only in functions built for AVX2
+#endif
 
 // x86-64 with GCC or clang: an AVX2 + FMA build of the loop besides the baseline (SSE2) one
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -365,6 +368,318 @@ void rotate(const at::Tensor& table, const at::Tensor& rotations, const at::Tens
   }
 }
 
+
+// ---- fine_scores: the fine pass's cross terms and norms, for the E-step ----
+
+constexpr int64_t kFineBlock = 128;  // voxels per block: a particle's rows for it stay in cache
+
+// One chunk of the fine pass: projections of the children of U coarse orientations, the
+// particles' weighted data and their offsets' phases, where to put each particle's scores.
+template <typename T>
+struct Fine {
+  const T* proj;          // (U, 8, V, 2): child c of chunk parent u at row 8u + c
+  const T* w;             // (b, V, 2) D/sigma^2
+  const T* hc;            // (b, V) C/(2 sigma^2)
+  const T* pp;            // (T_used, V, 2) phases of the coarse offsets
+  const T* cp;            // (8, V, 2) phases of the children's steps
+  const int64_t* t_pos;   // (b, n_tc) rows of pp per particle
+  const int64_t* n_t;     // (b,) coarse offsets per particle
+  const int64_t* rows;    // (g,) the chunk's particles
+  const int64_t* par;     // (g, m_max) their parents' rows in the chunk
+  const int64_t* n_par;   // (g,) parents in the chunk per particle
+  const int64_t* slots;   // (g, m_max) their column blocks in scores
+  T* scores;              // (b, s_rows, s_cols)
+  int64_t V, n_tc, m_max, s_rows, s_cols;
+};
+
+// Per-thread work space of one particle: its rows for a block, its sums.
+template <typename T>
+struct FineBuffers {
+  std::vector<T> z, y, h2, acc, acc_v, norm, norm_v;
+};
+
+// c = a * b for n interleaved complex numbers.
+template <typename T>
+D3D_INLINE void cmul(const T* a, const T* b, T* c, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T ar = a[2 * j], ai = a[2 * j + 1], br = b[2 * j], bi = b[2 * j + 1];
+    c[2 * j] = ar * br - ai * bi;
+    c[2 * j + 1] = ar * bi + ai * br;
+  }
+}
+
+// The particle's rows for voxels [v0, v0 + n): y[(8j + c)·2B + 2t] = pp_j·w·cp_c (complex).
+template <typename T>
+D3D_INLINE void fine_rows(const Fine<T>& p, int64_t row, int64_t nt, int64_t v0, int64_t n,
+                          FineBuffers<T>& buf) {
+  const T* w = p.w + 2 * (row * p.V + v0);
+  for (int64_t j = 0; j < nt; ++j) {
+    cmul<T>(p.pp + 2 * (p.t_pos[row * p.n_tc + j] * p.V + v0), w, buf.z.data(), n);
+    for (int64_t c = 0; c < 8; ++c) {
+      cmul<T>(buf.z.data(), p.cp + 2 * (c * p.V + v0), buf.y.data() + (8 * j + c) * 2 * kFineBlock,
+              n);
+    }
+  }
+}
+
+// The projection row of column c (parent slot c / 8, child c % 8) of particle i at voxel v0.
+template <typename T>
+D3D_INLINE const T* fine_column(const Fine<T>& p, int64_t i, int64_t c, int64_t v0) {
+  return p.proj + 2 * ((8 * p.par[i * p.m_max + c / 8] + c % 8) * p.V + v0);
+}
+
+// Scalar sums of voxels [v0, v0 + n) into buf.acc (R, C) and buf.norm (C).
+template <typename T>
+D3D_INLINE void fine_block(const Fine<T>& p, int64_t i, int64_t row, int64_t nt, int64_t m,
+                           int64_t v0, int64_t n, FineBuffers<T>& buf) {
+  fine_rows<T>(p, row, nt, v0, n, buf);
+  const int64_t R = 8 * nt, C = 8 * m;
+  const T* hc = p.hc + row * p.V + v0;
+  for (int64_t c = 0; c < C; ++c) {
+    const T* pc = fine_column<T>(p, i, c, v0);
+    T s = 0;
+    for (int64_t t = 0; t < n; ++t) s += hc[t] * (pc[2 * t] * pc[2 * t] + pc[2 * t + 1] * pc[2 * t + 1]);
+    buf.norm[c] += s;
+    for (int64_t r = 0; r < R; ++r) {
+      const T* y = buf.y.data() + r * 2 * kFineBlock;
+      T d = 0;
+      for (int64_t k = 0; k < 2 * n; ++k) d += y[k] * pc[k];
+      buf.acc[r * C + c] += d;
+    }
+  }
+}
+
+#if D3D_X86
+
+__attribute__((target("avx2,fma"))) D3D_INLINE __m256 cmul8(__m256 a, __m256 b) {
+  const __m256 b_re = _mm256_moveldup_ps(b), b_im = _mm256_movehdup_ps(b);
+  const __m256 a_sw = _mm256_permute_ps(a, 0xB1);
+  return _mm256_fmaddsub_ps(a, b_re, _mm256_mul_ps(a_sw, b_im));
+}
+
+// 4 rows x 2 columns of 8-lane sums over 2n floats (n a multiple of 4); with the columns'
+// norms (hc·|P|²) when Norm.
+template <bool Norm>
+__attribute__((target("avx2,fma"))) D3D_INLINE void tile_4x2(const float* y, const float* p0,
+                                                            const float* p1, const float* h2,
+                                                            int64_t n2, float* acc, int64_t C,
+                                                            float* nrm) {
+  constexpr int64_t ys = 2 * kFineBlock;
+  __m256 a00 = _mm256_loadu_ps(acc), a01 = _mm256_loadu_ps(acc + 8);
+  __m256 a10 = _mm256_loadu_ps(acc + 8 * C), a11 = _mm256_loadu_ps(acc + 8 * C + 8);
+  __m256 a20 = _mm256_loadu_ps(acc + 16 * C), a21 = _mm256_loadu_ps(acc + 16 * C + 8);
+  __m256 a30 = _mm256_loadu_ps(acc + 24 * C), a31 = _mm256_loadu_ps(acc + 24 * C + 8);
+  __m256 n0 = _mm256_setzero_ps(), n1 = _mm256_setzero_ps();
+  if constexpr (Norm) {
+    n0 = _mm256_loadu_ps(nrm);
+    n1 = _mm256_loadu_ps(nrm + 8);
+  }
+  for (int64_t k = 0; k < n2; k += 8) {
+    const __m256 q0 = _mm256_loadu_ps(p0 + k), q1 = _mm256_loadu_ps(p1 + k);
+    __m256 v = _mm256_loadu_ps(y + k);
+    a00 = _mm256_fmadd_ps(v, q0, a00);
+    a01 = _mm256_fmadd_ps(v, q1, a01);
+    v = _mm256_loadu_ps(y + ys + k);
+    a10 = _mm256_fmadd_ps(v, q0, a10);
+    a11 = _mm256_fmadd_ps(v, q1, a11);
+    v = _mm256_loadu_ps(y + 2 * ys + k);
+    a20 = _mm256_fmadd_ps(v, q0, a20);
+    a21 = _mm256_fmadd_ps(v, q1, a21);
+    v = _mm256_loadu_ps(y + 3 * ys + k);
+    a30 = _mm256_fmadd_ps(v, q0, a30);
+    a31 = _mm256_fmadd_ps(v, q1, a31);
+    if constexpr (Norm) {
+      const __m256 h = _mm256_loadu_ps(h2 + k);
+      n0 = _mm256_fmadd_ps(_mm256_mul_ps(h, q0), q0, n0);
+      n1 = _mm256_fmadd_ps(_mm256_mul_ps(h, q1), q1, n1);
+    }
+  }
+  _mm256_storeu_ps(acc, a00);
+  _mm256_storeu_ps(acc + 8, a01);
+  _mm256_storeu_ps(acc + 8 * C, a10);
+  _mm256_storeu_ps(acc + 8 * C + 8, a11);
+  _mm256_storeu_ps(acc + 16 * C, a20);
+  _mm256_storeu_ps(acc + 16 * C + 8, a21);
+  _mm256_storeu_ps(acc + 24 * C, a30);
+  _mm256_storeu_ps(acc + 24 * C + 8, a31);
+  if constexpr (Norm) {
+    _mm256_storeu_ps(nrm, n0);
+    _mm256_storeu_ps(nrm + 8, n1);
+  }
+}
+
+// fine_block for float with AVX2 + FMA, n a multiple of 4: 8-lane sums in buf.acc_v (R, C, 8)
+// and buf.norm_v (C, 8).
+__attribute__((target("avx2,fma"))) void fine_block_avx2(const Fine<float>& p, int64_t i,
+                                                        int64_t row, int64_t nt, int64_t m,
+                                                        int64_t v0, int64_t n,
+                                                        FineBuffers<float>& buf) {
+  const int64_t n2 = 2 * n, R = 8 * nt, C = 8 * m;
+  const float* w = p.w + 2 * (row * p.V + v0);
+  float* z = buf.z.data();
+  for (int64_t j = 0; j < nt; ++j) {
+    const float* pp = p.pp + 2 * (p.t_pos[row * p.n_tc + j] * p.V + v0);
+    for (int64_t k = 0; k < n2; k += 8) {
+      _mm256_storeu_ps(z + k, cmul8(_mm256_loadu_ps(pp + k), _mm256_loadu_ps(w + k)));
+    }
+    for (int64_t c = 0; c < 8; ++c) {
+      const float* cp = p.cp + 2 * (c * p.V + v0);
+      float* y = buf.y.data() + (8 * j + c) * 2 * kFineBlock;
+      for (int64_t k = 0; k < n2; k += 8) {
+        _mm256_storeu_ps(y + k, cmul8(_mm256_loadu_ps(z + k), _mm256_loadu_ps(cp + k)));
+      }
+    }
+  }
+  const float* hc = p.hc + row * p.V + v0;
+  float* h2 = buf.h2.data();
+  for (int64_t t = 0; t < n; ++t) h2[2 * t] = h2[2 * t + 1] = hc[t];
+  for (int64_t c = 0; c < C; c += 2) {
+    const float* p0 = fine_column<float>(p, i, c, v0);
+    const float* p1 = fine_column<float>(p, i, c + 1, v0);
+    float* nrm = buf.norm_v.data() + 8 * c;
+    for (int64_t r = 0; r < R; r += 4) {
+      const float* y = buf.y.data() + r * 2 * kFineBlock;
+      float* acc = buf.acc_v.data() + 8 * (r * C + c);
+      if (r == 0) {
+        tile_4x2<true>(y, p0, p1, h2, n2, acc, C, nrm);
+      } else {
+        tile_4x2<false>(y, p0, p1, h2, n2, acc, C, nrm);
+      }
+    }
+  }
+}
+#endif
+
+// One particle of the chunk: its sums over all voxels, then scores[row, 8j + c, 8·slot + c'].
+template <typename T>
+void fine_particle(const Fine<T>& p, int64_t i, bool avx2, FineBuffers<T>& buf) {
+  const int64_t row = p.rows[i], nt = p.n_t[row], m = p.n_par[i];
+  const int64_t R = 8 * nt, C = 8 * m;
+  buf.acc.assign(R * C, T(0));
+  buf.norm.assign(C, T(0));
+  int64_t v_vec = 0;  // voxels [0, v_vec) summed by the AVX2 loop
+#if D3D_X86
+  if constexpr (std::is_same_v<T, float>) {
+    if (avx2) {
+      buf.acc_v.assign(8 * R * C, 0.0f);
+      buf.norm_v.assign(8 * C, 0.0f);
+      v_vec = p.V & ~int64_t(3);
+      for (int64_t v0 = 0; v0 < v_vec; v0 += kFineBlock) {
+        fine_block_avx2(p, i, row, nt, m, v0, std::min(kFineBlock, v_vec - v0), buf);
+      }
+      for (int64_t e = 0; e < R * C; ++e) {
+        float s = 0.0f;
+        for (int l = 0; l < 8; ++l) s += buf.acc_v[8 * e + l];
+        buf.acc[e] = s;
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        float s = 0.0f;
+        for (int l = 0; l < 8; ++l) s += buf.norm_v[8 * c + l];
+        buf.norm[c] = s;
+      }
+    }
+  }
+#endif
+  for (int64_t v0 = v_vec; v0 < p.V; v0 += kFineBlock) {
+    fine_block<T>(p, i, row, nt, m, v0, std::min(kFineBlock, p.V - v0), buf);
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    T* dst = p.scores + (row * p.s_rows + r) * p.s_cols;
+    for (int64_t s = 0; s < m; ++s) {
+      const int64_t col = 8 * p.slots[i * p.m_max + s];
+      for (int64_t c = 0; c < 8; ++c) dst[col + c] = buf.acc[r * C + 8 * s + c] - buf.norm[8 * s + c];
+    }
+  }
+}
+
+template <typename T>
+void fine_scores_impl(const Fine<T>& p, int64_t g, bool simd) {
+  const bool avx2 = use_avx2<T>(simd);
+  at::parallel_for(0, g, 1, [&](int64_t i0, int64_t i1) {
+    FineBuffers<T> buf;
+    buf.z.resize(2 * kFineBlock);
+    buf.h2.resize(2 * kFineBlock);
+    buf.y.resize(8 * p.n_tc * 2 * kFineBlock);
+    for (int64_t i = i0; i < i1; ++i) fine_particle<T>(p, i, avx2, buf);
+  });
+}
+
+// The fine pass's scores of one chunk of coarse orientations (real views of complex arrays):
+// proj (U, 8, V, 2), weighted (b, V, 2) = D/sigma^2, half_c (b, V) = C/(2 sigma^2), parent_phases
+// (T_used, V, 2), child_phases (8, V, 2), parent_pos (b, n_tc) and n_t (b,) int64: each particle's
+// coarse offsets; rows (g,), par (g, m), n_par (g,), slots (g, m) int64: the chunk's particles,
+// their parents' rows in proj and column blocks in scores (b, 8 n_tc, s_cols), into which
+// scores[row, 8j + c, 8 slot + c'] = Re(conj(D e(t_j) e(d_c)) P_(par, c')) - sum hc |P|^2 go.
+void fine_scores(const at::Tensor& proj, const at::Tensor& weighted, const at::Tensor& half_c,
+                 const at::Tensor& parent_phases, const at::Tensor& child_phases,
+                 const at::Tensor& parent_pos, const at::Tensor& n_t, const at::Tensor& rows,
+                 const at::Tensor& par, const at::Tensor& n_par, const at::Tensor& slots,
+                 const at::Tensor& scores, bool simd) {
+  const int64_t V = weighted.size(1), b = weighted.size(0), g = rows.size(0);
+  TORCH_CHECK(proj.dim() == 4 && proj.size(1) == 8 && proj.size(2) == V && proj.size(3) == 2
+                  && proj.is_contiguous(), "proj (U, 8, V, 2) contiguous");
+  TORCH_CHECK(weighted.dim() == 3 && weighted.size(2) == 2 && weighted.is_contiguous(),
+              "weighted (b, V, 2) contiguous");
+  TORCH_CHECK(half_c.dim() == 2 && half_c.size(0) == b && half_c.size(1) == V
+                  && half_c.is_contiguous(), "half_c (b, V) contiguous");
+  TORCH_CHECK(parent_phases.dim() == 3 && parent_phases.size(1) == V && parent_phases.size(2) == 2
+                  && parent_phases.is_contiguous(), "parent_phases (T, V, 2) contiguous");
+  TORCH_CHECK(child_phases.dim() == 3 && child_phases.size(0) == 8 && child_phases.size(1) == V
+                  && child_phases.size(2) == 2 && child_phases.is_contiguous(),
+              "child_phases (8, V, 2) contiguous");
+  TORCH_CHECK(parent_pos.dim() == 2 && parent_pos.size(0) == b && parent_pos.is_contiguous()
+                  && n_t.dim() == 1 && n_t.size(0) == b && n_t.is_contiguous(),
+              "parent_pos (b, n_tc), n_t (b,) contiguous");
+  TORCH_CHECK(rows.dim() == 1 && rows.is_contiguous() && par.dim() == 2 && par.size(0) == g
+                  && par.is_contiguous() && slots.sizes() == par.sizes() && slots.is_contiguous()
+                  && n_par.dim() == 1 && n_par.size(0) == g && n_par.is_contiguous(),
+              "rows (g,), par and slots (g, m), n_par (g,) contiguous");
+  for (const at::Tensor* t : {&parent_pos, &n_t, &rows, &par, &n_par, &slots}) {
+    TORCH_CHECK(t->scalar_type() == at::kLong, "int64 indices");
+  }
+  const int64_t n_tc = parent_pos.size(1), m_max = par.size(1);
+  TORCH_CHECK(scores.dim() == 3 && scores.size(0) == b && scores.size(1) == 8 * n_tc
+                  && scores.is_contiguous(), "scores (b, 8 n_tc, cols) contiguous");
+  const int64_t* np = n_t.const_data_ptr<int64_t>();
+  const int64_t* rw = rows.const_data_ptr<int64_t>();
+  const int64_t* pa = par.const_data_ptr<int64_t>();
+  const int64_t* npar = n_par.const_data_ptr<int64_t>();
+  const int64_t* sl = slots.const_data_ptr<int64_t>();
+  const int64_t* tp = parent_pos.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < g; ++i) {  // every index checked: the kernel trusts them
+    TORCH_CHECK(rw[i] >= 0 && rw[i] < b, "rows in [0, b)");
+    TORCH_CHECK(np[rw[i]] >= 0 && np[rw[i]] <= n_tc, "n_t in [0, n_tc]");
+    TORCH_CHECK(npar[i] >= 0 && npar[i] <= m_max, "n_par in [0, m]");
+    for (int64_t j = 0; j < np[rw[i]]; ++j) {
+      const int64_t t = tp[rw[i] * n_tc + j];
+      TORCH_CHECK(t >= 0 && t < parent_phases.size(0), "parent_pos in range");
+    }
+    for (int64_t s = 0; s < npar[i]; ++s) {
+      TORCH_CHECK(pa[i * m_max + s] >= 0 && pa[i * m_max + s] < proj.size(0), "par in range");
+      TORCH_CHECK(sl[i * m_max + s] >= 0 && 8 * sl[i * m_max + s] + 8 <= scores.size(2),
+                  "slots in range");
+    }
+  }
+  const auto dtype = weighted.scalar_type();
+  for (const at::Tensor* t : {&proj, &half_c, &parent_phases, &child_phases, &scores}) {
+    TORCH_CHECK(t->scalar_type() == dtype, "one real dtype for the data arrays");
+  }
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    Fine<T> p{proj.const_data_ptr<T>(), weighted.const_data_ptr<T>(), half_c.const_data_ptr<T>(),
+              parent_phases.const_data_ptr<T>(), child_phases.const_data_ptr<T>(), tp, np, rw, pa,
+              npar, sl, scores.mutable_data_ptr<T>(), V, n_tc, m_max, scores.size(1),
+              scores.size(2)};
+    fine_scores_impl<T>(p, g, simd);
+  };
+  if (dtype == at::kFloat) {
+    run(0.0f);
+  } else {
+    TORCH_CHECK(dtype == at::kDouble, "float32 or float64");
+    run(0.0);
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(denovo3d, m) {
@@ -375,5 +690,10 @@ TORCH_LIBRARY(denovo3d, m) {
       "splat(Tensor values, Tensor weights, Tensor rotations, Tensor coords, int r, "
       "Tensor(a!) acc, bool simd=True) -> ()");
   m.impl("rotate", c10::DispatchKey::CPU, TORCH_FN(rotate));
+  m.def(
+      "fine_scores(Tensor proj, Tensor weighted, Tensor half_c, Tensor parent_phases, "
+      "Tensor child_phases, Tensor parent_pos, Tensor n_t, Tensor rows, Tensor par, "
+      "Tensor n_par, Tensor slots, Tensor(a!) scores, bool simd=True) -> ()");
   m.impl("splat", c10::DispatchKey::CPU, TORCH_FN(splat));
+  m.impl("fine_scores", c10::DispatchKey::CPU, TORCH_FN(fine_scores));
 }
