@@ -457,102 +457,83 @@ __attribute__((target("avx2,fma"))) D3D_INLINE __m256 cmul8(__m256 a, __m256 b) 
   return _mm256_fmaddsub_ps(a, b_re, _mm256_mul_ps(a_sw, b_im));
 }
 
-// 4 rows x 2 columns of 8-lane sums over 2n floats (n a multiple of 4); with the columns'
-// norms (hc·|P|²) when Norm.
-template <bool Norm>
-__attribute__((target("avx2,fma"))) D3D_INLINE void tile_4x2(const float* y, const float* p0,
-                                                            const float* p1, const float* h2,
-                                                            int64_t n2, float* acc, int64_t C,
-                                                            float* nrm) {
-  constexpr int64_t ys = 2 * kFineBlock;
-  __m256 a00 = _mm256_loadu_ps(acc), a01 = _mm256_loadu_ps(acc + 8);
-  __m256 a10 = _mm256_loadu_ps(acc + 8 * C), a11 = _mm256_loadu_ps(acc + 8 * C + 8);
-  __m256 a20 = _mm256_loadu_ps(acc + 16 * C), a21 = _mm256_loadu_ps(acc + 16 * C + 8);
-  __m256 a30 = _mm256_loadu_ps(acc + 24 * C), a31 = _mm256_loadu_ps(acc + 24 * C + 8);
-  __m256 n0 = _mm256_setzero_ps(), n1 = _mm256_setzero_ps();
-  if constexpr (Norm) {
-    n0 = _mm256_loadu_ps(nrm);
-    n1 = _mm256_loadu_ps(nrm + 8);
-  }
-  for (int64_t k = 0; k < n2; k += 8) {
-    const __m256 q0 = _mm256_loadu_ps(p0 + k), q1 = _mm256_loadu_ps(p1 + k);
-    __m256 v = _mm256_loadu_ps(y + k);
-    a00 = _mm256_fmadd_ps(v, q0, a00);
-    a01 = _mm256_fmadd_ps(v, q1, a01);
-    v = _mm256_loadu_ps(y + ys + k);
-    a10 = _mm256_fmadd_ps(v, q0, a10);
-    a11 = _mm256_fmadd_ps(v, q1, a11);
-    v = _mm256_loadu_ps(y + 2 * ys + k);
-    a20 = _mm256_fmadd_ps(v, q0, a20);
-    a21 = _mm256_fmadd_ps(v, q1, a21);
-    v = _mm256_loadu_ps(y + 3 * ys + k);
-    a30 = _mm256_fmadd_ps(v, q0, a30);
-    a31 = _mm256_fmadd_ps(v, q1, a31);
-    if constexpr (Norm) {
-      const __m256 h = _mm256_loadu_ps(h2 + k);
-      n0 = _mm256_fmadd_ps(_mm256_mul_ps(h, q0), q0, n0);
-      n1 = _mm256_fmadd_ps(_mm256_mul_ps(h, q1), q1, n1);
-    }
-  }
-  _mm256_storeu_ps(acc, a00);
-  _mm256_storeu_ps(acc + 8, a01);
-  _mm256_storeu_ps(acc + 8 * C, a10);
-  _mm256_storeu_ps(acc + 8 * C + 8, a11);
-  _mm256_storeu_ps(acc + 16 * C, a20);
-  _mm256_storeu_ps(acc + 16 * C + 8, a21);
-  _mm256_storeu_ps(acc + 24 * C, a30);
-  _mm256_storeu_ps(acc + 24 * C + 8, a31);
-  if constexpr (Norm) {
-    _mm256_storeu_ps(nrm, n0);
-    _mm256_storeu_ps(nrm + 8, n1);
-  }
-}
-
-// fine_block for float with AVX2 + FMA, n a multiple of 4: 8-lane sums in buf.acc_v (R, C, 8)
-// and buf.norm_v (C, 8).
-__attribute__((target("avx2,fma"))) void fine_block_avx2(const Fine<float>& p, int64_t i,
-                                                        int64_t row, int64_t nt, int64_t m,
-                                                        int64_t v0, int64_t n,
+// fine_block for float with AVX2 + FMA over voxels [v0, v0 + n), n a multiple of 4, the
+// children in the lanes: for each coarse offset j the rows of its eight children as one
+// vector per real component, y[k] = (D e(t_j) e(d_c))_k for c = 0..7 (cpt: the child phases
+// (V, 2, 8), re and im of the eight children per voxel), then for each column c' (a child of
+// the particle's parent s) acc_(j, s, c') += y[k] · P_c'[k]: one FMA gives the eight rows'
+// products. Sums in buf.acc_v ((n_t, m, 8 c', 8 c) lanes) and norms hc·|P|^2 in buf.norm_v
+// ((m, 8 c', 8 lanes over voxels)).
+__attribute__((target("avx2,fma"))) void fine_block_avx2(const Fine<float>& p, const float* cpt,
+                                                        int64_t i, int64_t row, int64_t nt,
+                                                        int64_t m, int64_t v0, int64_t n,
                                                         FineBuffers<float>& buf) {
-  const int64_t n2 = 2 * n, R = 8 * nt, C = 8 * m;
+  const int64_t n2 = 2 * n;
   const float* w = p.w + 2 * (row * p.V + v0);
+  const float* cv = cpt + 16 * v0;
   float* z = buf.z.data();
+  float* y = buf.y.data();
   for (int64_t j = 0; j < nt; ++j) {
     const float* pp = p.pp + 2 * (p.t_pos[row * p.n_tc + j] * p.V + v0);
     for (int64_t k = 0; k < n2; k += 8) {
       _mm256_storeu_ps(z + k, cmul8(_mm256_loadu_ps(pp + k), _mm256_loadu_ps(w + k)));
     }
-    for (int64_t c = 0; c < 8; ++c) {
-      const float* cp = p.cp + 2 * (c * p.V + v0);
-      float* y = buf.y.data() + (8 * j + c) * 2 * kFineBlock;
-      for (int64_t k = 0; k < n2; k += 8) {
-        _mm256_storeu_ps(y + k, cmul8(_mm256_loadu_ps(z + k), _mm256_loadu_ps(cp + k)));
+    for (int64_t t = 0; t < n; ++t) {
+      const __m256 zr = _mm256_broadcast_ss(z + 2 * t), zi = _mm256_broadcast_ss(z + 2 * t + 1);
+      const __m256 cr = _mm256_loadu_ps(cv + 16 * t), ci = _mm256_loadu_ps(cv + 16 * t + 8);
+      _mm256_storeu_ps(y + 16 * t, _mm256_fmsub_ps(zr, cr, _mm256_mul_ps(zi, ci)));
+      _mm256_storeu_ps(y + 16 * t + 8, _mm256_fmadd_ps(zr, ci, _mm256_mul_ps(zi, cr)));
+    }
+    for (int64_t s = 0; s < m; ++s) {
+      const float* q0 = fine_column<float>(p, i, 8 * s, v0);  // its children's rows: + 2V each
+      const int64_t st = 2 * p.V;
+      const float *q1 = q0 + st, *q2 = q1 + st, *q3 = q2 + st, *q4 = q3 + st, *q5 = q4 + st,
+                  *q6 = q5 + st, *q7 = q6 + st;
+      float* acc = buf.acc_v.data() + 64 * (j * m + s);
+      __m256 a0 = _mm256_loadu_ps(acc), a1 = _mm256_loadu_ps(acc + 8);
+      __m256 a2 = _mm256_loadu_ps(acc + 16), a3 = _mm256_loadu_ps(acc + 24);
+      __m256 a4 = _mm256_loadu_ps(acc + 32), a5 = _mm256_loadu_ps(acc + 40);
+      __m256 a6 = _mm256_loadu_ps(acc + 48), a7 = _mm256_loadu_ps(acc + 56);
+      for (int64_t k = 0; k < n2; ++k) {
+        const __m256 v = _mm256_loadu_ps(y + 8 * k);
+        a0 = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q0 + k), a0);
+        a1 = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q1 + k), a1);
+        a2 = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q2 + k), a2);
+        a3 = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q3 + k), a3);
+        a4 = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q4 + k), a4);
+        a5 = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q5 + k), a5);
+        a6 = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q6 + k), a6);
+        a7 = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q7 + k), a7);
       }
+      _mm256_storeu_ps(acc, a0);
+      _mm256_storeu_ps(acc + 8, a1);
+      _mm256_storeu_ps(acc + 16, a2);
+      _mm256_storeu_ps(acc + 24, a3);
+      _mm256_storeu_ps(acc + 32, a4);
+      _mm256_storeu_ps(acc + 40, a5);
+      _mm256_storeu_ps(acc + 48, a6);
+      _mm256_storeu_ps(acc + 56, a7);
     }
   }
   const float* hc = p.hc + row * p.V + v0;
   float* h2 = buf.h2.data();
   for (int64_t t = 0; t < n; ++t) h2[2 * t] = h2[2 * t + 1] = hc[t];
-  for (int64_t c = 0; c < C; c += 2) {
-    const float* p0 = fine_column<float>(p, i, c, v0);
-    const float* p1 = fine_column<float>(p, i, c + 1, v0);
+  for (int64_t c = 0; c < 8 * m; ++c) {
+    const float* q = fine_column<float>(p, i, c, v0);
     float* nrm = buf.norm_v.data() + 8 * c;
-    for (int64_t r = 0; r < R; r += 4) {
-      const float* y = buf.y.data() + r * 2 * kFineBlock;
-      float* acc = buf.acc_v.data() + 8 * (r * C + c);
-      if (r == 0) {
-        tile_4x2<true>(y, p0, p1, h2, n2, acc, C, nrm);
-      } else {
-        tile_4x2<false>(y, p0, p1, h2, n2, acc, C, nrm);
-      }
+    __m256 nv = _mm256_loadu_ps(nrm);
+    for (int64_t k = 0; k < n2; k += 8) {
+      const __m256 x = _mm256_loadu_ps(q + k);
+      nv = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(h2 + k), x), x, nv);
     }
+    _mm256_storeu_ps(nrm, nv);
   }
 }
 #endif
 
 // One particle of the chunk: its sums over all voxels, then scores[row, 8j + c, 8·slot + c'].
 template <typename T>
-void fine_particle(const Fine<T>& p, int64_t i, bool avx2, FineBuffers<T>& buf) {
+void fine_particle(const Fine<T>& p, const T* cpt, int64_t i, bool avx2, FineBuffers<T>& buf) {
   const int64_t row = p.rows[i], nt = p.n_t[row], m = p.n_par[i];
   const int64_t R = 8 * nt, C = 8 * m;
   buf.acc.assign(R * C, T(0));
@@ -565,12 +546,15 @@ void fine_particle(const Fine<T>& p, int64_t i, bool avx2, FineBuffers<T>& buf) 
       buf.norm_v.assign(8 * C, 0.0f);
       v_vec = p.V & ~int64_t(3);
       for (int64_t v0 = 0; v0 < v_vec; v0 += kFineBlock) {
-        fine_block_avx2(p, i, row, nt, m, v0, std::min(kFineBlock, v_vec - v0), buf);
+        fine_block_avx2(p, cpt, i, row, nt, m, v0, std::min(kFineBlock, v_vec - v0), buf);
       }
-      for (int64_t e = 0; e < R * C; ++e) {
-        float s = 0.0f;
-        for (int l = 0; l < 8; ++l) s += buf.acc_v[8 * e + l];
-        buf.acc[e] = s;
+      for (int64_t j = 0; j < nt; ++j) {  // lanes (j, s, c', c) -> acc (8j + c, 8s + c')
+        for (int64_t s = 0; s < m; ++s) {
+          const float* a = buf.acc_v.data() + 64 * (j * m + s);
+          for (int64_t c2 = 0; c2 < 8; ++c2) {
+            for (int64_t c = 0; c < 8; ++c) buf.acc[(8 * j + c) * C + 8 * s + c2] = a[8 * c2 + c];
+          }
+        }
       }
       for (int64_t c = 0; c < C; ++c) {
         float s = 0.0f;
@@ -595,12 +579,24 @@ void fine_particle(const Fine<T>& p, int64_t i, bool avx2, FineBuffers<T>& buf) 
 template <typename T>
 void fine_scores_impl(const Fine<T>& p, int64_t g, bool simd) {
   const bool avx2 = use_avx2<T>(simd);
+  // the child phases with the children innermost, (V, 2, 8), for the AVX2 rows
+  std::vector<T> cpt(avx2 ? 16 * p.V : 0);
+  if (avx2) {
+    at::parallel_for(0, p.V, 4096, [&](int64_t v0, int64_t v1) {
+      for (int64_t v = v0; v < v1; ++v) {
+        for (int64_t c = 0; c < 8; ++c) {
+          cpt[16 * v + c] = p.cp[2 * (c * p.V + v)];
+          cpt[16 * v + 8 + c] = p.cp[2 * (c * p.V + v) + 1];
+        }
+      }
+    });
+  }
   at::parallel_for(0, g, 1, [&](int64_t i0, int64_t i1) {
     FineBuffers<T> buf;
     buf.z.resize(2 * kFineBlock);
     buf.h2.resize(2 * kFineBlock);
-    buf.y.resize(8 * p.n_tc * 2 * kFineBlock);
-    for (int64_t i = i0; i < i1; ++i) fine_particle<T>(p, i, avx2, buf);
+    buf.y.resize(8 * std::max<int64_t>(p.n_tc, 2) * 2 * kFineBlock);
+    for (int64_t i = i0; i < i1; ++i) fine_particle<T>(p, cpt.data(), i, avx2, buf);
   });
 }
 
