@@ -144,10 +144,67 @@ D3D_INLINE void rotate_range(const Problem<T>& p, int64_t o0, int64_t o1) {
 }
 
 #if D3D_X86
-// The same loop compiled for AVX2 + FMA (8-wide cells, fused lerps), chosen at run time.
+// Two samples at once (j and j + 1, one per 128-bit lane), the same lerps as sample<float>
+// (fused as the AVX2 build of that one compiles them): corners x and x+1 of a row one 128-bit
+// load per sample, the weights each one 64-bit load spread over its lane.
+__attribute__((target("avx2,fma"))) D3D_INLINE __m256 pair(const float* lo, const float* hi) {
+  return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(lo)), _mm_loadu_ps(hi), 1);
+}
+
+// (w[0] x4, w[1] x4)
+__attribute__((target("avx2,fma"))) D3D_INLINE __m256 weight(const float* w) {
+  const __m256 two = _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(w)));
+  return _mm256_permutevar_ps(two, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+}
+
+__attribute__((target("avx2,fma"))) D3D_INLINE void sample2(const float* a, const float* b,
+                                                            int64_t sy, int64_t sz,
+                                                            const float* wx, const float* wy,
+                                                            const float* wz, float* dst) {
+  const __m256 vy = weight(wy), vz = weight(wz), vx = weight(wx);
+  const __m256 q00 = pair(a, b), q01 = pair(a + sy, b + sy);
+  const __m256 q10 = pair(a + sz, b + sz), q11 = pair(a + sz + sy, b + sz + sy);
+  const __m256 ya = _mm256_fmadd_ps(vy, _mm256_sub_ps(q01, q00), q00);
+  const __m256 yb = _mm256_fmadd_ps(vy, _mm256_sub_ps(q11, q10), q10);
+  const __m256 e = _mm256_fmadd_ps(vz, _mm256_sub_ps(yb, ya), ya);
+  const __m256 h = _mm256_permute_ps(e, 0x4E);
+  const __m256 v = _mm256_fmadd_ps(vx, _mm256_sub_ps(h, e), e);
+  const __m256d both = _mm256_permute4x64_pd(_mm256_castps_pd(v), 0x08);
+  _mm_storeu_ps(dst, _mm256_castps256_ps128(_mm256_castpd_ps(both)));
+}
+
+// The loop of rotate_range for float, compiled for AVX2 + FMA (8-wide cells, fused lerps, two
+// samples at a time), chosen at run time.
 __attribute__((target("avx2,fma"))) void rotate_range_avx2(const Problem<float>& p, int64_t o0,
                                                            int64_t o1) {
-  rotate_range<float>(p, o0, o1);
+  int32_t idx[kBlock];
+  float wx[kBlock], wy[kBlock], wz[kBlock];
+  const int32_t top = static_cast<int32_t>(p.side - 2), side = static_cast<int32_t>(p.side);
+  const int64_t sy = 2 * p.side, sz = 2 * p.side * p.side;
+  // a block of voxels for eight orientations in turn: consecutive ones (a coarse orientation's
+  // fine children) sample nearby cells, still in cache (6% faster at box 64)
+  for (int64_t g0 = o0; g0 < o1; g0 += 8) {
+    for (int64_t v0 = 0; v0 < p.V; v0 += kBlock) {
+      for (int64_t o = g0; o < std::min(g0 + 8, o1); ++o) {
+        const int64_t n = std::min(kBlock, p.V - v0);
+        cells<float>(p.k + v0, p.V, n, p.rot + 9 * o, p.shift, top, side, idx, wx, wy, wz);
+        for (int64_t c = 0; c < p.K; ++c) {
+          const float* cube = p.cube + 2 * c * p.n_cube;
+          float* row = p.out + c * p.out_sk + o * p.out_so + 2 * v0;
+          int64_t j = 0;
+          for (; j + 1 < n; j += 2) {
+            sample2(cube + 2 * static_cast<int64_t>(idx[j]),
+                    cube + 2 * static_cast<int64_t>(idx[j + 1]), sy, sz, wx + j, wy + j, wz + j,
+                    row + 2 * j);
+          }
+          if (j < n) {
+            sample<float>(cube + 2 * static_cast<int64_t>(idx[j]), sy, sz, wx[j], wy[j], wz[j],
+                          row + 2 * j);
+          }
+        }
+      }
+    }
+  }
 }
 #endif
 
