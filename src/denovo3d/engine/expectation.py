@@ -416,7 +416,8 @@ def _project_children(
     kids = 8 * parents[:, None] + torch.arange(8, device=parents.device)
     class_start = torch.arange(K + 1, device=parents.device) * (n_orient // 8)
     bounds = torch.searchsorted(parents, class_start).tolist()
-    step = max(1, WORKING_SET_BYTES // (8 * V * proj.element_size()))
+    # with the powers: chunks that stay in cache for them; without: one call (one cube) a class
+    step = max(1, WORKING_SET_BYTES // (8 * V * proj.element_size())) if with_power else shape[0]
     for k in range(K):
         for u0 in range(bounds[k], bounds[k + 1], step):
             u1 = min(u0 + step, bounds[k + 1])
