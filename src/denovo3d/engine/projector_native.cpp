@@ -514,6 +514,73 @@ __attribute__((target("avx2,fma"))) D3D_INLINE __m256 cmul8(__m256 a, __m256 b) 
   return _mm256_fmaddsub_ps(a, b_re, _mm256_mul_ps(a_sw, b_im));
 }
 
+// acc (8 c', 8 c) += sum_k y[8k + c] q_c'[k] (q_c' = q + c'·st): one offset's rows against a
+// parent's eight children.
+__attribute__((target("avx2,fma"))) D3D_INLINE void gemm_1x8(const float* y, const float* q0,
+                                                             int64_t st, int64_t n2, float* acc) {
+  const float *q1 = q0 + st, *q2 = q1 + st, *q3 = q2 + st, *q4 = q3 + st, *q5 = q4 + st,
+              *q6 = q5 + st, *q7 = q6 + st;
+  __m256 a0 = _mm256_loadu_ps(acc), a1 = _mm256_loadu_ps(acc + 8);
+  __m256 a2 = _mm256_loadu_ps(acc + 16), a3 = _mm256_loadu_ps(acc + 24);
+  __m256 a4 = _mm256_loadu_ps(acc + 32), a5 = _mm256_loadu_ps(acc + 40);
+  __m256 a6 = _mm256_loadu_ps(acc + 48), a7 = _mm256_loadu_ps(acc + 56);
+  for (int64_t k = 0; k < n2; ++k) {
+    const __m256 v = _mm256_loadu_ps(y + 8 * k);
+    a0 = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q0 + k), a0);
+    a1 = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q1 + k), a1);
+    a2 = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q2 + k), a2);
+    a3 = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q3 + k), a3);
+    a4 = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q4 + k), a4);
+    a5 = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q5 + k), a5);
+    a6 = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q6 + k), a6);
+    a7 = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q7 + k), a7);
+  }
+  _mm256_storeu_ps(acc, a0);
+  _mm256_storeu_ps(acc + 8, a1);
+  _mm256_storeu_ps(acc + 16, a2);
+  _mm256_storeu_ps(acc + 24, a3);
+  _mm256_storeu_ps(acc + 32, a4);
+  _mm256_storeu_ps(acc + 40, a5);
+  _mm256_storeu_ps(acc + 48, a6);
+  _mm256_storeu_ps(acc + 56, a7);
+}
+
+// gemm_1x8 for two offsets' rows y0, y1 and four children q0 .. q0 + 3 st into acc0, acc1
+// (4 c', 8 c): each broadcast serves two FMAs.
+__attribute__((target("avx2,fma"))) D3D_INLINE void gemm_2x4(const float* y0, const float* y1,
+                                                             const float* q0, int64_t st,
+                                                             int64_t n2, float* acc0,
+                                                             float* acc1) {
+  const float *q1 = q0 + st, *q2 = q1 + st, *q3 = q2 + st;
+  __m256 a0 = _mm256_loadu_ps(acc0), a1 = _mm256_loadu_ps(acc0 + 8);
+  __m256 a2 = _mm256_loadu_ps(acc0 + 16), a3 = _mm256_loadu_ps(acc0 + 24);
+  __m256 b0 = _mm256_loadu_ps(acc1), b1 = _mm256_loadu_ps(acc1 + 8);
+  __m256 b2 = _mm256_loadu_ps(acc1 + 16), b3 = _mm256_loadu_ps(acc1 + 24);
+  for (int64_t k = 0; k < n2; ++k) {
+    const __m256 u = _mm256_loadu_ps(y0 + 8 * k), v = _mm256_loadu_ps(y1 + 8 * k);
+    __m256 x = _mm256_broadcast_ss(q0 + k);
+    a0 = _mm256_fmadd_ps(u, x, a0);
+    b0 = _mm256_fmadd_ps(v, x, b0);
+    x = _mm256_broadcast_ss(q1 + k);
+    a1 = _mm256_fmadd_ps(u, x, a1);
+    b1 = _mm256_fmadd_ps(v, x, b1);
+    x = _mm256_broadcast_ss(q2 + k);
+    a2 = _mm256_fmadd_ps(u, x, a2);
+    b2 = _mm256_fmadd_ps(v, x, b2);
+    x = _mm256_broadcast_ss(q3 + k);
+    a3 = _mm256_fmadd_ps(u, x, a3);
+    b3 = _mm256_fmadd_ps(v, x, b3);
+  }
+  _mm256_storeu_ps(acc0, a0);
+  _mm256_storeu_ps(acc0 + 8, a1);
+  _mm256_storeu_ps(acc0 + 16, a2);
+  _mm256_storeu_ps(acc0 + 24, a3);
+  _mm256_storeu_ps(acc1, b0);
+  _mm256_storeu_ps(acc1 + 8, b1);
+  _mm256_storeu_ps(acc1 + 16, b2);
+  _mm256_storeu_ps(acc1 + 24, b3);
+}
+
 // fine_block for float with AVX2 + FMA over voxels [v0, v0 + n), n a multiple of 4, the
 // children in the lanes: for each coarse offset j the rows of its eight children as one
 // vector per real component, y[k] = (D e(t_j) e(d_c))_k for c = 0..7 (cpt: the child phases
@@ -530,47 +597,31 @@ __attribute__((target("avx2,fma"))) void fine_block_avx2(const Fine<float>& p, c
   const float* cv = cpt + 16 * v0;
   float* z = buf.z.data();
   float* y = buf.y.data();
-  for (int64_t j = 0; j < nt; ++j) {
+  for (int64_t j = 0; j < nt; ++j) {  // the rows of every offset: y + 16 B j
     const float* pp = p.pp + 2 * (p.t_pos[row * p.n_tc + j] * p.V + v0);
     for (int64_t k = 0; k < n2; k += 8) {
       _mm256_storeu_ps(z + k, cmul8(_mm256_loadu_ps(pp + k), _mm256_loadu_ps(w + k)));
     }
+    float* yj = y + 16 * kFineBlock * j;
     for (int64_t t = 0; t < n; ++t) {
       const __m256 zr = _mm256_broadcast_ss(z + 2 * t), zi = _mm256_broadcast_ss(z + 2 * t + 1);
       const __m256 cr = _mm256_loadu_ps(cv + 16 * t), ci = _mm256_loadu_ps(cv + 16 * t + 8);
-      _mm256_storeu_ps(y + 16 * t, _mm256_fmsub_ps(zr, cr, _mm256_mul_ps(zi, ci)));
-      _mm256_storeu_ps(y + 16 * t + 8, _mm256_fmadd_ps(zr, ci, _mm256_mul_ps(zi, cr)));
+      _mm256_storeu_ps(yj + 16 * t, _mm256_fmsub_ps(zr, cr, _mm256_mul_ps(zi, ci)));
+      _mm256_storeu_ps(yj + 16 * t + 8, _mm256_fmadd_ps(zr, ci, _mm256_mul_ps(zi, cr)));
     }
-    for (int64_t s = 0; s < m; ++s) {
-      const float* q0 = fine_column<float>(p, i, 8 * s, v0);  // its children's rows: + 2V each
-      const int64_t st = 2 * p.V;
-      const float *q1 = q0 + st, *q2 = q1 + st, *q3 = q2 + st, *q4 = q3 + st, *q5 = q4 + st,
-                  *q6 = q5 + st, *q7 = q6 + st;
-      float* acc = buf.acc_v.data() + 64 * (j * m + s);
-      __m256 a0 = _mm256_loadu_ps(acc), a1 = _mm256_loadu_ps(acc + 8);
-      __m256 a2 = _mm256_loadu_ps(acc + 16), a3 = _mm256_loadu_ps(acc + 24);
-      __m256 a4 = _mm256_loadu_ps(acc + 32), a5 = _mm256_loadu_ps(acc + 40);
-      __m256 a6 = _mm256_loadu_ps(acc + 48), a7 = _mm256_loadu_ps(acc + 56);
-      for (int64_t k = 0; k < n2; ++k) {
-        const __m256 v = _mm256_loadu_ps(y + 8 * k);
-        a0 = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q0 + k), a0);
-        a1 = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q1 + k), a1);
-        a2 = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q2 + k), a2);
-        a3 = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q3 + k), a3);
-        a4 = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q4 + k), a4);
-        a5 = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q5 + k), a5);
-        a6 = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q6 + k), a6);
-        a7 = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q7 + k), a7);
-      }
-      _mm256_storeu_ps(acc, a0);
-      _mm256_storeu_ps(acc + 8, a1);
-      _mm256_storeu_ps(acc + 16, a2);
-      _mm256_storeu_ps(acc + 24, a3);
-      _mm256_storeu_ps(acc + 32, a4);
-      _mm256_storeu_ps(acc + 40, a5);
-      _mm256_storeu_ps(acc + 48, a6);
-      _mm256_storeu_ps(acc + 56, a7);
+  }
+  const int64_t st = 2 * p.V;
+  for (int64_t s = 0; s < m; ++s) {
+    const float* q = fine_column<float>(p, i, 8 * s, v0);  // its children's rows: + 2V each
+    int64_t j = 0;
+    for (; j + 1 < nt; j += 2) {  // two offsets x four children: 6 loads for 8 FMAs
+      const float* y0 = y + 16 * kFineBlock * j;
+      float* acc0 = buf.acc_v.data() + 64 * (j * m + s);
+      float* acc1 = buf.acc_v.data() + 64 * ((j + 1) * m + s);
+      gemm_2x4(y0, y0 + 16 * kFineBlock, q, st, n2, acc0, acc1);
+      gemm_2x4(y0, y0 + 16 * kFineBlock, q + 4 * st, st, n2, acc0 + 32, acc1 + 32);
     }
+    if (j < nt) gemm_1x8(y + 16 * kFineBlock * j, q, st, n2, buf.acc_v.data() + 64 * (j * m + s));
   }
   const float* hc = p.hc + row * p.V + v0;
   float* h2 = buf.h2.data();
