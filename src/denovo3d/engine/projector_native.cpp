@@ -624,17 +624,31 @@ __attribute__((target("avx2,fma"))) void fine_block_avx2(const Fine<float>& p, c
     if (j < nt) gemm_1x8(y + 16 * kFineBlock * j, q, st, n2, buf.acc_v.data() + 64 * (j * m + s));
   }
   const float* hc = p.hc + row * p.V + v0;
-  float* h2 = buf.h2.data();
-  for (int64_t t = 0; t < n; ++t) h2[2 * t] = h2[2 * t + 1] = hc[t];
-  for (int64_t c = 0; c < 8 * m; ++c) {
+  float* h2 = buf.h2.data();  // C/(2 s2) for re and im
+  const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+  for (int64_t t = 0; t < n; t += 4) {
+    const __m256 h = _mm256_castps128_ps256(_mm_loadu_ps(hc + t));
+    _mm256_storeu_ps(h2 + 2 * t, _mm256_permutevar8x32_ps(h, dup));
+  }
+  for (int64_t c = 0; c < 8 * m; c += 4) {  // four columns' norms share each load of h2
     const float* q = fine_column<float>(p, i, c, v0);
+    const int64_t st = 2 * p.V;
     float* nrm = buf.norm_v.data() + 8 * c;
-    __m256 nv = _mm256_loadu_ps(nrm);
+    __m256 n0 = _mm256_loadu_ps(nrm), n1 = _mm256_loadu_ps(nrm + 8);
+    __m256 n2v = _mm256_loadu_ps(nrm + 16), n3 = _mm256_loadu_ps(nrm + 24);
     for (int64_t k = 0; k < n2; k += 8) {
-      const __m256 x = _mm256_loadu_ps(q + k);
-      nv = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(h2 + k), x), x, nv);
+      const __m256 h = _mm256_loadu_ps(h2 + k);
+      const __m256 x0 = _mm256_loadu_ps(q + k), x1 = _mm256_loadu_ps(q + st + k);
+      const __m256 x2 = _mm256_loadu_ps(q + 2 * st + k), x3 = _mm256_loadu_ps(q + 3 * st + k);
+      n0 = _mm256_fmadd_ps(_mm256_mul_ps(h, x0), x0, n0);
+      n1 = _mm256_fmadd_ps(_mm256_mul_ps(h, x1), x1, n1);
+      n2v = _mm256_fmadd_ps(_mm256_mul_ps(h, x2), x2, n2v);
+      n3 = _mm256_fmadd_ps(_mm256_mul_ps(h, x3), x3, n3);
     }
-    _mm256_storeu_ps(nrm, nv);
+    _mm256_storeu_ps(nrm, n0);
+    _mm256_storeu_ps(nrm + 8, n1);
+    _mm256_storeu_ps(nrm + 16, n2v);
+    _mm256_storeu_ps(nrm + 24, n3);
   }
 }
 #endif
