@@ -285,15 +285,15 @@ def _fine_reference(proj, w, hc, pp, cp, t_pos, n_t, rows, par, n_par, slots, sc
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n_voxels", [3, 130, 1001])
 def test_fine_scores_kernel_equals_the_formula(dtype, n_voxels: int) -> None:
-    """``fine_scores`` (AVX2 and baseline builds) against :func:`_fine_reference`: several
-    offsets and parents per particle (1 to 3), padded slots left alone, voxel counts that
-    leave a tail past the vector loop and span several blocks."""
+    """``fine_scores`` (AVX2 and baseline builds) against :func:`_fine_reference`: 1 to 4
+    offsets and 1 to 3 parents per particle, padded slots left alone, voxel counts that leave a
+    tail past the vector loop and span several blocks."""
     kernel = torch.ops.denovo3d.fine_scores if native.load() is not None else None
     if kernel is None or not native.enabled():
         pytest.skip("no native kernel")
     g = torch.Generator().manual_seed(n_voxels)
     cd = dtype.to_complex()
-    b, U, T, n_tc, m = 6, 5, 7, 3, 3
+    b, U, T, n_tc, m = 6, 5, 7, 4, 3
 
     def randc(*shape):
         return torch.randn(*shape, dtype=cd, generator=g)
@@ -306,7 +306,7 @@ def test_fine_scores_kernel_equals_the_formula(dtype, n_voxels: int) -> None:
     )
     hc = torch.rand(b, n_voxels, dtype=dtype, generator=g)
     t_pos = torch.randint(0, T, (b, n_tc), generator=g)
-    n_t = torch.tensor([1, 3, 2, 1, 2, 3])
+    n_t = torch.tensor([1, 3, 2, 4, 2, 3])  # pairs of offsets and a single one
     rows = torch.tensor([4, 0, 2, 5, 1])
     par = torch.randint(0, U, (5, m), generator=g)
     n_par = torch.tensor([3, 1, 2, 3, 1])

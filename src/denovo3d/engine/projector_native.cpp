@@ -1,5 +1,6 @@
 // Fused trilinear rotation of full centred Fourier volumes: the CPU kernel behind
-// denovo3d.engine.projector.rotate, compiled at first use by denovo3d.engine.native.
+// denovo3d.engine.projector.rotate (and its adjoint, splat, and the E-step's fine pass,
+// fine_scores, below), compiled at first use by denovo3d.engine.native.
 //
 // One loop per orientation and block of voxels: the rotated frequency, its cell in the cube
 // around the centre (base clamped to [0, 2r-1] like the torch path), the eight corners and
@@ -426,7 +427,15 @@ void rotate(const at::Tensor& table, const at::Tensor& rotations, const at::Tens
 }
 
 
-// ---- fine_scores: the fine pass's cross terms and norms, for the E-step ----
+// ---- fine_scores: the E-step's fine pass (cross terms and norms) ----
+//
+// For each particle of a chunk (in parallel): block after block of voxels, its data rows
+// D/s2·e(t_j)·e(d_c) (its coarse offsets j, the eight children's steps c) built in cache, times
+// the projections of its parents' eight children (the columns), and the columns' norms
+// sum C/(2 s2)·|P|^2. The torch path writes such rows (tens of MB a particle) to memory and
+// reads them once in a batched GEMM; here they never leave the cache. AVX2 build: the eight
+// children c of a row in the lanes, so one FMA with a broadcast projection value adds eight
+// products, no horizontal sums.
 
 constexpr int64_t kFineBlock = 128;  // voxels per block: a particle's rows for it stay in cache
 
