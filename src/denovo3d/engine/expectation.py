@@ -294,7 +294,7 @@ def _fused_op(
 ) -> Callable[..., None] | None:
     """The native fine-pass kernel where it applies (CPU, float32/64 throughout, no autograd,
     ``DENOVO3D_NATIVE`` not 0), else ``None`` (the torch path). ``fine_scores``: per particle
-    and block of 128 voxels its data rows (the eight children in the AVX2 lanes) built in
+    and block of 64 voxels its data rows (the eight children in the AVX2 lanes) built in
     cache and summed against its parents' children's projections, the norms on the fly; the
     batched GEMMs instead write rows of tens of MB a particle and read them once (estep
     benchmark: the fine pass's scoring 2.0 -> 0.4 CPU s)."""

@@ -437,7 +437,7 @@ void rotate(const at::Tensor& table, const at::Tensor& rotations, const at::Tens
 // children c of a row in the lanes, so one FMA with a broadcast projection value adds eight
 // products, no horizontal sums.
 
-constexpr int64_t kFineBlock = 128;  // voxels per block: a particle's rows for it stay in cache
+constexpr int64_t kFineBlock = 64;  // voxels per block: a particle's rows for it stay in cache
 
 // One chunk of the fine pass: projections of the children of U coarse orientations, the
 // particles' weighted data and their offsets' phases, where to put each particle's scores.
