@@ -554,6 +554,50 @@ __attribute__((target("avx2,fma"))) D3D_INLINE void gemm_1x8(const float* y, con
   _mm256_storeu_ps(acc + 56, a7);
 }
 
+// gemm_1x8 with the offset's rows made in registers from z = D e(t_j) (interleaved) and the
+// child phases cv (n, 2, 8): the same products, without storing and loading them.
+__attribute__((target("avx2,fma"))) D3D_INLINE void gemm_1x8_rows(const float* z, const float* cv,
+                                                                  const float* q0, int64_t st,
+                                                                  int64_t n, float* acc) {
+  const float *q1 = q0 + st, *q2 = q1 + st, *q3 = q2 + st, *q4 = q3 + st, *q5 = q4 + st,
+              *q6 = q5 + st, *q7 = q6 + st;
+  __m256 a0 = _mm256_loadu_ps(acc), a1 = _mm256_loadu_ps(acc + 8);
+  __m256 a2 = _mm256_loadu_ps(acc + 16), a3 = _mm256_loadu_ps(acc + 24);
+  __m256 a4 = _mm256_loadu_ps(acc + 32), a5 = _mm256_loadu_ps(acc + 40);
+  __m256 a6 = _mm256_loadu_ps(acc + 48), a7 = _mm256_loadu_ps(acc + 56);
+  for (int64_t t = 0; t < n; ++t) {
+    const __m256 zr = _mm256_broadcast_ss(z + 2 * t), zi = _mm256_broadcast_ss(z + 2 * t + 1);
+    const __m256 cr = _mm256_loadu_ps(cv + 16 * t), ci = _mm256_loadu_ps(cv + 16 * t + 8);
+    const __m256 yr = _mm256_fmsub_ps(zr, cr, _mm256_mul_ps(zi, ci));
+    const __m256 yi = _mm256_fmadd_ps(zr, ci, _mm256_mul_ps(zi, cr));
+    const int64_t k = 2 * t;
+    a0 = _mm256_fmadd_ps(yr, _mm256_broadcast_ss(q0 + k), a0);
+    a1 = _mm256_fmadd_ps(yr, _mm256_broadcast_ss(q1 + k), a1);
+    a2 = _mm256_fmadd_ps(yr, _mm256_broadcast_ss(q2 + k), a2);
+    a3 = _mm256_fmadd_ps(yr, _mm256_broadcast_ss(q3 + k), a3);
+    a4 = _mm256_fmadd_ps(yr, _mm256_broadcast_ss(q4 + k), a4);
+    a5 = _mm256_fmadd_ps(yr, _mm256_broadcast_ss(q5 + k), a5);
+    a6 = _mm256_fmadd_ps(yr, _mm256_broadcast_ss(q6 + k), a6);
+    a7 = _mm256_fmadd_ps(yr, _mm256_broadcast_ss(q7 + k), a7);
+    a0 = _mm256_fmadd_ps(yi, _mm256_broadcast_ss(q0 + k + 1), a0);
+    a1 = _mm256_fmadd_ps(yi, _mm256_broadcast_ss(q1 + k + 1), a1);
+    a2 = _mm256_fmadd_ps(yi, _mm256_broadcast_ss(q2 + k + 1), a2);
+    a3 = _mm256_fmadd_ps(yi, _mm256_broadcast_ss(q3 + k + 1), a3);
+    a4 = _mm256_fmadd_ps(yi, _mm256_broadcast_ss(q4 + k + 1), a4);
+    a5 = _mm256_fmadd_ps(yi, _mm256_broadcast_ss(q5 + k + 1), a5);
+    a6 = _mm256_fmadd_ps(yi, _mm256_broadcast_ss(q6 + k + 1), a6);
+    a7 = _mm256_fmadd_ps(yi, _mm256_broadcast_ss(q7 + k + 1), a7);
+  }
+  _mm256_storeu_ps(acc, a0);
+  _mm256_storeu_ps(acc + 8, a1);
+  _mm256_storeu_ps(acc + 16, a2);
+  _mm256_storeu_ps(acc + 24, a3);
+  _mm256_storeu_ps(acc + 32, a4);
+  _mm256_storeu_ps(acc + 40, a5);
+  _mm256_storeu_ps(acc + 48, a6);
+  _mm256_storeu_ps(acc + 56, a7);
+}
+
 // gemm_1x8 for two offsets' rows y0, y1 and four children q0 .. q0 + 3 st into acc0, acc1
 // (4 c', 8 c): each broadcast serves two FMAs.
 __attribute__((target("avx2,fma"))) D3D_INLINE void gemm_2x4(const float* y0, const float* y1,
@@ -611,6 +655,7 @@ __attribute__((target("avx2,fma"))) void fine_block_avx2(const Fine<float>& p, c
     for (int64_t k = 0; k < n2; k += 8) {
       _mm256_storeu_ps(z + k, cmul8(_mm256_loadu_ps(pp + k), _mm256_loadu_ps(w + k)));
     }
+    if (nt % 2 == 1 && j == nt - 1) break;  // a single offset's rows: built in the GEMM
     float* yj = y + 16 * kFineBlock * j;
     for (int64_t t = 0; t < n; ++t) {
       const __m256 zr = _mm256_broadcast_ss(z + 2 * t), zi = _mm256_broadcast_ss(z + 2 * t + 1);
@@ -630,7 +675,7 @@ __attribute__((target("avx2,fma"))) void fine_block_avx2(const Fine<float>& p, c
       gemm_2x4(y0, y0 + 16 * kFineBlock, q, st, n2, acc0, acc1);
       gemm_2x4(y0, y0 + 16 * kFineBlock, q + 4 * st, st, n2, acc0 + 32, acc1 + 32);
     }
-    if (j < nt) gemm_1x8(y + 16 * kFineBlock * j, q, st, n2, buf.acc_v.data() + 64 * (j * m + s));
+    if (j < nt) gemm_1x8_rows(z, cv, q, st, n, buf.acc_v.data() + 64 * (j * m + s));
   }
   const float* hc = p.hc + row * p.V + v0;
   float* h2 = buf.h2.data();  // C/(2 s2) for re and im
