@@ -174,6 +174,33 @@ __attribute__((target("avx2,fma"))) D3D_INLINE void sample2(const float* a, cons
   _mm_storeu_ps(dst, _mm256_castps256_ps128(_mm256_castpd_ps(both)));
 }
 
+// The y and z lerps of samples j, j + 1 (one per 128-bit lane): (corner x, corner x + 1) of each.
+__attribute__((target("avx2,fma"))) D3D_INLINE __m256 lerp_yz(const float* a, const float* b,
+                                                              int64_t sy, int64_t sz,
+                                                              const float* wy, const float* wz) {
+  const __m256 vy = weight(wy), vz = weight(wz);
+  const __m256 q00 = pair(a, b), q01 = pair(a + sy, b + sy);
+  const __m256 q10 = pair(a + sz, b + sz), q11 = pair(a + sz + sy, b + sz + sy);
+  const __m256 ya = _mm256_fmadd_ps(vy, _mm256_sub_ps(q01, q00), q00);
+  const __m256 yb = _mm256_fmadd_ps(vy, _mm256_sub_ps(q11, q10), q10);
+  return _mm256_fmadd_ps(vz, _mm256_sub_ps(yb, ya), ya);
+}
+
+// Four samples j .. j + 3 (cells at a, b, c, d): sample2's lerps, the x lerps of all four in
+// one 256-bit op and one store.
+__attribute__((target("avx2,fma"))) D3D_INLINE void sample4(const float* a, const float* b,
+                                                            const float* c, const float* d,
+                                                            int64_t sy, int64_t sz,
+                                                            const float* wx, const float* wy,
+                                                            const float* wz, float* dst) {
+  const __m256 e1 = lerp_yz(a, b, sy, sz, wy, wz), e2 = lerp_yz(c, d, sy, sz, wy + 2, wz + 2);
+  const __m256 x0 = _mm256_shuffle_ps(e1, e2, 0x44), x1 = _mm256_shuffle_ps(e1, e2, 0xEE);
+  const __m256 vx = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(wx)),
+                                             _mm256_setr_epi32(0, 0, 2, 2, 1, 1, 3, 3));
+  const __m256 v = _mm256_fmadd_ps(vx, _mm256_sub_ps(x1, x0), x0);  // (j, j+2 | j+1, j+3)
+  _mm256_storeu_ps(dst, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(v), 0xD8)));
+}
+
 // The loop of rotate_range for float, compiled for AVX2 + FMA (8-wide cells, fused lerps, two
 // samples at a time), chosen at run time.
 __attribute__((target("avx2,fma"))) void rotate_range_avx2(const Problem<float>& p, int64_t o0,
@@ -193,6 +220,13 @@ __attribute__((target("avx2,fma"))) void rotate_range_avx2(const Problem<float>&
           const float* cube = p.cube + 2 * c * p.n_cube;
           float* row = p.out + c * p.out_sk + o * p.out_so + 2 * v0;
           int64_t j = 0;
+          for (; j + 3 < n; j += 4) {
+            sample4(cube + 2 * static_cast<int64_t>(idx[j]),
+                    cube + 2 * static_cast<int64_t>(idx[j + 1]),
+                    cube + 2 * static_cast<int64_t>(idx[j + 2]),
+                    cube + 2 * static_cast<int64_t>(idx[j + 3]), sy, sz, wx + j, wy + j, wz + j,
+                    row + 2 * j);
+          }
           for (; j + 1 < n; j += 2) {
             sample2(cube + 2 * static_cast<int64_t>(idx[j]),
                     cube + 2 * static_cast<int64_t>(idx[j + 1]), sy, sz, wx + j, wy + j, wz + j,
