@@ -250,3 +250,56 @@ def test_chunk_order_is_a_permutation_sorted_within_chunks_that_keeps_particles_
     order = _chunk_order(o_pos, o_ok, 6, 3)
     assert sorted(order.tolist()) == list(range(6))
     assert order[:3].tolist() == [0, 2, 4] and order[3:].tolist() == [1, 3, 5]
+
+
+def test_fine_search_without_the_native_kernel_takes_the_torch_path_with_the_same_scores(
+    monkeypatch,
+) -> None:
+    """Float32 fine pass with the native ``fine_scores`` kernel and without it (as where it
+    cannot be built): the torch path (data rows and batched GEMMs) runs only then, and both
+    give the same posteriors within float32 rounding."""
+    from denovo3d.engine import expectation, native
+
+    box, radius, K, O_c, b = 12, 5.0, 2, 5, 8
+    gen = torch.Generator().manual_seed(12)
+    refs = torch.stack([_blobs(box, 3), _blobs(box, 4)])
+    refs_full = full_centred(centred_rfft(refs) * (rfft_radius(box) < radius)).float()
+    vox = VoxelSet.build(box, radius)
+    inv = vox.friedel / 4.0
+    t_c = torch.tensor([[0.0, 0.0, 0.0], [1.0, -1.0, 0.0], [0.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    grid = PassGrid(
+        random_rotations(8 * O_c, gen).float(), offset_children(t_c, 1.0), vox, inv, box
+    )
+    data = vox.take(torch.randn(b, box, box, box // 2 + 1, dtype=torch.complex64, generator=gen))
+    ctf2 = vox.take(torch.rand(b, box, box, box // 2 + 1, generator=gen))
+    sig = torch.rand(b, 4, K * O_c, generator=gen) < 0.2
+    sig[torch.arange(b), torch.arange(b) % 4, (3 * torch.arange(b)) % (K * O_c)] = True
+    prior_t = -(grid.offsets_px**2).sum(1) / 4.0
+    prior_ko = torch.zeros(K * 8 * O_c)
+    calls: list[int] = []
+    rows = expectation._ShiftedRows.rows
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return rows(self, *args, **kwargs)
+
+    monkeypatch.setattr(expectation._ShiftedRows, "rows", counted)
+    results = []
+    for budget in (1 << 30, 3 * 8 * len(vox) * 16):
+        with_kernel = fine_search(
+            data, ctf2, refs_full, sig, grid, prior_t, prior_ko, 0.999, budget
+        )
+        if expectation._fused_op(data, ctf2, refs_full) is not None:  # the kernel, not rows
+            assert calls == []
+        monkeypatch.setattr(native, "load_fine_scores", lambda: None)
+        without = fine_search(data, ctf2, refs_full, sig, grid, prior_t, prior_ko, 0.999, budget)
+        monkeypatch.undo()
+        monkeypatch.setattr(expectation._ShiftedRows, "rows", counted)
+        assert calls and len(calls) > 0
+        calls.clear()
+        results.append((with_kernel, without))
+    for one, two in results:
+        torch.testing.assert_close(one.log_evidence, two.log_evidence, rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(one.max_prob, two.max_prob, rtol=1e-4, atol=1e-4)
+        assert one.best_ko.tolist() == two.best_ko.tolist()
+        assert one.best_offset.tolist() == two.best_offset.tolist()

@@ -1,16 +1,17 @@
-"""The fused CPU kernels of :func:`denovo3d.engine.projector.rotate` and
-:func:`~denovo3d.engine.projector.splat`, compiled at first use.
+"""The fused CPU kernels of :func:`denovo3d.engine.projector.rotate`,
+:func:`~denovo3d.engine.projector.splat` and the E-step's fine pass, compiled at first use.
 
 ``projector_native.cpp`` (shipped next to this module) is built once with
 :func:`torch.utils.cpp_extension.load_inline` into torch's extension cache
 (``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and registers
-``torch.ops.denovo3d.rotate`` and ``torch.ops.denovo3d.splat``. The build directory is named
-after a hash of the source and of the torch version, so an upgrade of either builds afresh and
-never loads a stale library; torch's loader holds a file lock there, so processes that start
-together build it once (a lock left by a process killed while building is removed after ten
-minutes). Where it cannot be built (no compiler, no ninja, any error) one
-:class:`RuntimeWarning` says so and :func:`load` returns ``None``: the projector keeps its
-pure-torch paths (several times slower on the CPU; the paths CUDA always takes).
+``torch.ops.denovo3d.rotate``, ``torch.ops.denovo3d.splat`` and ``torch.ops.denovo3d.fine_scores``
+(the E-step's fine pass, :mod:`.expectation`). The build directory is named after a hash of the
+source and of the torch version, so an upgrade of either builds afresh and never loads a stale
+library; torch's loader holds a file lock there, so processes that start together build it once (a
+lock left by a process killed while building is removed after ten minutes). Where it cannot be built
+(no compiler, no ninja, any error) one :class:`RuntimeWarning` says so and :func:`load` returns
+``None``: the projector keeps its pure-torch paths (several times slower on the CPU; the paths CUDA
+always takes).
 ``DENOVO3D_NATIVE=0`` disables the kernels.
 """
 
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["enabled", "failure", "load", "load_splat"]
+__all__ = ["enabled", "failure", "load", "load_fine_scores", "load_splat"]
 
 _SOURCE = Path(__file__).with_name("projector_native.cpp")
 _lock = threading.Lock()
@@ -121,3 +122,9 @@ def load() -> Callable[..., None] | None:
 def load_splat() -> Callable[..., None] | None:
     """``torch.ops.denovo3d.splat``, built with :func:`load`'s library, or ``None``."""
     return None if load() is None else torch.ops.denovo3d.splat
+
+
+def load_fine_scores() -> Callable[..., None] | None:
+    """``torch.ops.denovo3d.fine_scores`` (the E-step's fused fine pass), built with
+    :func:`load`'s library, or ``None``."""
+    return None if load() is None else torch.ops.denovo3d.fine_scores

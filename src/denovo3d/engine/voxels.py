@@ -56,13 +56,25 @@ class VoxelSet:
         """``(..., s, s, s//2+1)`` -> ``(..., V)`` (the volumes must be at ``box``; into ``out``
         if given)."""
         flat = volumes.reshape(*volumes.shape[:-3], -1)
+        if (
+            volumes.dtype == torch.complex64
+            and flat.dim() == 2
+            and flat.stride(-1) == 1
+            and (out is None or out.is_contiguous())
+        ):
+            # the same copy as index_select, 1.6x faster: a gather of 8-byte words
+            if out is None:
+                out = flat.new_empty((flat.shape[0], len(self)))
+            index = self.index.expand(flat.shape[0], -1)
+            torch.gather(flat.view(torch.float64), 1, index, out=out.view(torch.float64))
+            return out
         return torch.index_select(flat, -1, self.index, out=out)
 
     def phases(self, offsets_px: torch.Tensor, box: int) -> torch.Tensor:
         """``exp(+2πi k·t/box)`` for offsets ``(T, 3)`` px -> ``(T, V)`` complex: multiplying a
         particle's transform by it moves the content by ``-t`` (back to the centre)."""
         phase = (2.0 * torch.pi / box) * (offsets_px.to(self.coords) @ self.coords.T)
-        return torch.polar(torch.ones_like(phase), phase)
+        return torch.complex(torch.cos(phase), torch.sin(phase))  # 3x faster than torch.polar
 
 
 def shell_means(values: torch.Tensor, shell: torch.Tensor, n_shells: int) -> torch.Tensor:
