@@ -297,6 +297,9 @@ def test_detection_verdict_rules() -> None:
     # the best chance 2-fold of an asymmetric map: agrees, but not significantly
     chance = decide([ev("C2", 0.74, 4.9), ev("C3", 0.2, 1.5)], -0.1, 0.2)
     assert (chance.verdict, chance.runner_up) == ("C1", "C2")
+    # D12 on a C6 ring: most of its elements agree in part, but its half C12 does not
+    d12 = [ev("C6", 0.74, 10.3), ev("D6", 0.5, 10.1), ev("C12", 0.1, 3.0), ev("D12", 0.46, 13.3)]
+    assert decide(d12, -0.1, 0.14).verdict == "C6"
     # O holds over T (its index-2 subgroup) though its wedge-crossed elements agree least
     octa = decide([ev("O", 0.51, 14.7), ev("T", 0.50, 9.6), ev("C2", 0.80, 5.4)], -0.1, 0.17)
     assert octa.verdict == "O"

@@ -6,8 +6,8 @@ per element, how much more its copy agrees than turns by other angles about the 
 (the excess), the group's score being the 20th percentile over its elements, and its
 significance that score in standard deviations of randomly turned copies' excess, times the
 square root of its number of elements. The verdict is the largest group that holds (score >=
-0.45, significance >= 7.8, and at least 0.8 of the score of each of its index-2 subgroups, e.g.
-Cn for Dn); otherwise C1, with the runner-up named.
+0.45, significance >= 7.8, its index-2 subgroups, e.g. Cn for Dn, scoring >= 0.45 and at most
+1.25 times its score); otherwise C1, with the runner-up named.
 
 Example:
     denovo3d detect-symmetry InitialModel/job012/run_it200_class001.mrc
