@@ -137,11 +137,34 @@ def coarse_scores(
 def significant_mask(prob: torch.Tensor, fraction: float, max_count: int) -> torch.Tensor:
     """``prob (b, N)`` normalised rows -> bool ``(b, N)``: the largest samples whose weights sum
     to ``fraction`` (the one that crosses it included), at most ``max_count`` per row (only the
-    ``max_count`` largest are sorted)."""
-    top_p, order = prob.topk(min(max_count, prob.shape[1]), dim=1)
+    ``max_count`` largest are sorted).
+
+    Only samples with ``p >= (1 - fraction) / N`` can be kept (the ones below, with all the
+    smaller ones, sum to less than ``1 - fraction``; half that bound leaves a margin for
+    rounding): where ``max_count`` is not small against ``N`` (the fine posteriors: all of
+    them), those few per row are gathered and sorted, not the whole row (9x faster on the estep
+    benchmark's coarse rows of 70,848; with ``max_count`` 100 topk is the faster)."""
+    b, n = prob.shape
+    n_max = n
+    if 64 * max_count > n and b:
+        cand = prob >= 0.5 * (1.0 - fraction) / n
+        counts = cand.sum(dim=1)
+        n_max = int(counts.max())
+    if 4 * n_max > n:  # max_count small, or flat rows: topk of the whole rows
+        top_p, order = prob.topk(min(max_count, n), dim=1)
+        cols = order
+    else:
+        rows, col = torch.nonzero(cand, as_tuple=True)  # row-major: a row's run in order
+        pos = torch.arange(rows.numel(), device=prob.device) - (counts.cumsum(0) - counts)[rows]
+        values = prob.new_full((b, n_max), -1.0).index_put_((rows, pos), prob[rows, col])
+        index = col.new_full((b, n_max), n).index_put_((rows, pos), col)  # pads: column n
+        top_p, order = values.topk(min(max_count, n_max), dim=1)
+        cols = index.gather(1, order)
     keep_sorted = (top_p.cumsum(dim=1) - top_p) < fraction
+    keep_sorted &= top_p >= 0  # not a pad (pads sort last: the cumulative sums before them hold)
     keep_sorted[:, 0] = True
-    return torch.zeros_like(prob, dtype=torch.bool).scatter(1, order, keep_sorted)
+    mask = torch.zeros((b, n + 1), dtype=torch.bool, device=prob.device)
+    return mask.scatter_(1, cols, keep_sorted)[:, :n]
 
 
 def _padded_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
