@@ -217,12 +217,19 @@ def fine_search(
     # sums and masks: about 32 bytes a fine pose
     limit = budget_bytes // 4
     parts = []
-    for g0, g1, _, _ in _working_groups(sizes, lambda m, n: 32 * 64 * (m + 1) * n, limit):
+    groups = _working_groups(sizes, lambda m, n: 32 * 64 * (m + 1) * n, limit)
+    for g0, g1, _, _ in groups:
         rows = order[g0:g1]
         shapes = [(rows.numel(), data.shape[1])] * 2
         block = workspace.take("fine block", shapes, [data.dtype, ctf2.dtype], data.device)
-        weighted = torch.index_select(data, 0, rows, out=block[0]).mul_(grid.inv_sigma2)  # D/σ²
-        half_c = torch.index_select(ctf2, 0, rows, out=block[1]).mul_(0.5).mul_(grid.inv_sigma2)
+        if len(groups) == 1:  # the whole batch: in its order (one pass each, no gather)
+            rows = torch.arange(data.shape[0], device=data.device)
+            weighted = torch.mul(data, grid.inv_sigma2, out=block[0])  # D/σ²
+            half_c = torch.mul(ctf2, grid.inv_sigma2, out=block[1]).mul_(0.5)  # ½C/σ²
+        else:
+            weighted = torch.index_select(data, 0, rows, out=block[0]).mul_(grid.inv_sigma2)
+            half_c = torch.index_select(ctf2, 0, rows, out=block[1]).mul_(grid.inv_sigma2)
+            half_c.mul_(0.5)
         args = (weighted, half_c, refs_full, o_sig[rows], t_sig[rows], grid)
         priors = (log_prior_offset, log_prior_ko)
         part = _fine_block(*args, *priors, fraction, budget_bytes, workspace)
