@@ -119,19 +119,27 @@ def coarse_scores(
     proj: torch.Tensor,
     grid: PassGrid,
     log_prior: torch.Tensor,
+    power: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scores ``(b, T, KO)`` of every coarse pose.
 
     ``data (b, V)`` complex and ``ctf2 (b, V)`` on ``grid.voxels``; ``proj (KO, V)``;
-    ``log_prior (T, KO)`` (offset + class/orientation priors).
+    ``log_prior (T, KO)`` (offset + class/orientation priors); ``power (V, KO)`` = ``|proj|²``
+    transposed if the caller has it (made once for all its chunks), else made here.
     """
     b, T = data.shape[0], grid.offsets_px.shape[0]
     phases = grid.phases()  # (T, V)
     shape = (b, T, phases.shape[1])  # both expanded: 2.5x faster than the broadcast product
     shifted = (data * grid.inv_sigma2)[:, None, :].expand(shape) * phases.expand(shape)
     cross = _real(shifted).reshape(b * T, -1) @ _real(proj).T  # one real GEMM
-    norm = (0.5 * ctf2 * grid.inv_sigma2) @ (proj.real**2 + proj.imag**2).T  # (b, KO)
+    power = _power(proj).T if power is None else power
+    norm = (0.5 * ctf2 * grid.inv_sigma2) @ power  # (b, KO)
     return cross.view(b, T, -1).sub_(norm[:, None, :]).add_(log_prior)  # in place: no copies
+
+
+def _power(proj: torch.Tensor) -> torch.Tensor:
+    """``|proj|²`` (real), as ``re² + im²``."""
+    return proj.real**2 + proj.imag**2
 
 
 def significant_mask(prob: torch.Tensor, fraction: float, max_count: int) -> torch.Tensor:
@@ -581,6 +589,7 @@ def align(
     prior_t_fine = search.log_prior_offset(f_grid.offsets_px)
     prior_ko_fine = search.log_prior_ko(len(f_grid.rotations))
     T, KO, V = c_grid.offsets_px.shape[0], proj.shape[0], len(c_grid.voxels)
+    power = _power(proj).T  # (V, KO): once, not per chunk
     # coarse scores by working-set chunks; the fine pass over as many particles as their coarse
     # significance (a byte a pose) allows, so that their projections are shared
     sub = max(1, min(search.budget_bytes, WORKING_SET_BYTES) // (4 * (T * KO * 3 + T * V * 6)))
@@ -591,7 +600,7 @@ def align(
         sig = []
         for i in range(0, d.shape[0], sub):
             dc, cc = c_grid.voxels.take(d[i : i + sub]), c_grid.voxels.take(c[i : i + sub])
-            scores = coarse_scores(dc, cc, proj, c_grid, log_prior)
+            scores = coarse_scores(dc, cc, proj, c_grid, log_prior, power=power)
             prob = torch.softmax(scores.reshape(scores.shape[0], -1), dim=1)
             mask = significant_mask(prob, search.fraction, search.max_significant)
             sig.append(mask.reshape(scores.shape))
