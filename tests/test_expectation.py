@@ -317,3 +317,17 @@ def test_fine_search_without_the_native_kernel_takes_the_torch_path_with_the_sam
         torch.testing.assert_close(one.max_prob, two.max_prob, rtol=1e-4, atol=1e-4)
         assert one.best_ko.tolist() == two.best_ko.tolist()
         assert one.best_offset.tolist() == two.best_offset.tolist()
+
+
+def test_phases_are_unit_complex_exponentials_in_the_voxels_dtype() -> None:
+    """``VoxelSet.phases`` (one cos over interleaved phases) equals ``exp(+2πi k·t/box)`` to
+    float rounding, in the voxels' dtype whatever the offsets' dtype."""
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        vox = VoxelSet.build(24, 12.0, dtype=dtype)
+        offsets = torch.tensor([[0.0, 0.0, 0.0], [1.5, -2.0, 3.25], [-6.0, 0.5, 2.0]])
+        for t in (offsets, offsets.double()):
+            got = vox.phases(t, 24)
+            assert got.dtype == dtype.to_complex()
+            angle = (2 * torch.pi / 24) * (t.double() @ vox.coords.double().T)
+            want = torch.polar(torch.ones_like(angle), angle)
+            assert (got.to(torch.complex128) - want).abs().max() < tol
