@@ -136,11 +136,11 @@ class FlopCounter:
             counter.flops += fine_flops(coarse_sig, len(grid.voxels))
             return counter._fine(data, ctf2, refs_full, coarse_sig, grid, *args, **kwargs)
 
-        def coarse_scores(data, ctf2, proj, grid, log_prior):
+        def coarse_scores(data, ctf2, proj, grid, log_prior, **kwargs):
             b, v = data.shape
             t, ko = grid.offsets_px.shape[0], proj.shape[0]
             counter.flops += 2.0 * b * t * 2 * v * ko + 2.0 * b * v * ko
-            return counter._scores(data, ctf2, proj, grid, log_prior)
+            return counter._scores(data, ctf2, proj, grid, log_prior, **kwargs)
 
         def align(*args, **kwargs):
             start, clock = time.perf_counter(), _clock(counter.device)

@@ -195,6 +195,20 @@ def test_significant_mask_keeps_the_weight_fraction() -> None:
     assert significant_mask(prob, 0.999, 2).sum(dim=1).tolist() == [2, 2]
 
 
+def test_significant_mask_equals_sorting_whole_rows() -> None:
+    """The candidates' path (max_count large against a row) keeps what sorting every sample
+    would, on peaked rows, flat rows (topk of the whole rows) and rows mixing both."""
+    gen = torch.Generator().manual_seed(3)
+    for scale in (30.0, 1.0, 8.0):
+        prob = torch.softmax(scale * torch.randn(9, 5000, generator=gen, dtype=torch.float64), 1)
+        for fraction, max_count in ((0.999, 5000), (0.9, 5000), (0.999, 3), (0.999, 100)):
+            top_p, order = prob.sort(dim=1, descending=True)
+            keep = (top_p.cumsum(dim=1) - top_p) < fraction
+            keep[:, 0], keep[:, max_count:] = True, False
+            want = torch.zeros_like(keep).scatter(1, order, keep)
+            assert torch.equal(significant_mask(prob, fraction, max_count), want)
+
+
 def test_fine_search_equals_the_dense_scores_of_each_particles_children() -> None:
     """The orientation-major fine pass (chunks of projections, working groups, padded slots,
     phases as parent × child) against the straightforward formula: every fine pose scored by
@@ -303,3 +317,17 @@ def test_fine_search_without_the_native_kernel_takes_the_torch_path_with_the_sam
         torch.testing.assert_close(one.max_prob, two.max_prob, rtol=1e-4, atol=1e-4)
         assert one.best_ko.tolist() == two.best_ko.tolist()
         assert one.best_offset.tolist() == two.best_offset.tolist()
+
+
+def test_phases_are_unit_complex_exponentials_in_the_voxels_dtype() -> None:
+    """``VoxelSet.phases`` (one cos over interleaved phases) equals ``exp(+2πi k·t/box)`` to
+    float rounding, in the voxels' dtype whatever the offsets' dtype."""
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        vox = VoxelSet.build(24, 12.0, dtype=dtype)
+        offsets = torch.tensor([[0.0, 0.0, 0.0], [1.5, -2.0, 3.25], [-6.0, 0.5, 2.0]])
+        for t in (offsets, offsets.double()):
+            got = vox.phases(t, 24)
+            assert got.dtype == dtype.to_complex()
+            angle = (2 * torch.pi / 24) * (t.double() @ vox.coords.double().T)
+            want = torch.polar(torch.ones_like(angle), angle)
+            assert (got.to(torch.complex128) - want).abs().max() < tol

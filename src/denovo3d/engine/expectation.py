@@ -119,28 +119,60 @@ def coarse_scores(
     proj: torch.Tensor,
     grid: PassGrid,
     log_prior: torch.Tensor,
+    power: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scores ``(b, T, KO)`` of every coarse pose.
 
     ``data (b, V)`` complex and ``ctf2 (b, V)`` on ``grid.voxels``; ``proj (KO, V)``;
-    ``log_prior (T, KO)`` (offset + class/orientation priors).
+    ``log_prior (T, KO)`` (offset + class/orientation priors); ``power (V, KO)`` = ``|proj|²``
+    transposed if the caller has it (made once for all its chunks), else made here.
     """
     b, T = data.shape[0], grid.offsets_px.shape[0]
     phases = grid.phases()  # (T, V)
-    shifted = (data * grid.inv_sigma2)[:, None, :] * phases[None]  # (b, T, V)
+    shape = (b, T, phases.shape[1])  # both expanded: 2.5x faster than the broadcast product
+    shifted = (data * grid.inv_sigma2)[:, None, :].expand(shape) * phases.expand(shape)
     cross = _real(shifted).reshape(b * T, -1) @ _real(proj).T  # one real GEMM
-    norm = (0.5 * ctf2 * grid.inv_sigma2) @ (proj.real**2 + proj.imag**2).T  # (b, KO)
-    return cross.reshape(b, T, -1) - norm[:, None, :] + log_prior[None]
+    power = _power(proj).T if power is None else power
+    norm = (0.5 * ctf2 * grid.inv_sigma2) @ power  # (b, KO)
+    return cross.view(b, T, -1).sub_(norm[:, None, :]).add_(log_prior)  # in place: no copies
+
+
+def _power(proj: torch.Tensor) -> torch.Tensor:
+    """``|proj|²`` (real), as ``re² + im²``."""
+    return proj.real**2 + proj.imag**2
 
 
 def significant_mask(prob: torch.Tensor, fraction: float, max_count: int) -> torch.Tensor:
     """``prob (b, N)`` normalised rows -> bool ``(b, N)``: the largest samples whose weights sum
     to ``fraction`` (the one that crosses it included), at most ``max_count`` per row (only the
-    ``max_count`` largest are sorted)."""
-    top_p, order = prob.topk(min(max_count, prob.shape[1]), dim=1)
+    ``max_count`` largest are sorted).
+
+    Only samples with ``p >= (1 - fraction) / N`` can be kept (the ones below, with all the
+    smaller ones, sum to less than ``1 - fraction``; half that bound leaves a margin for
+    rounding): where ``max_count`` is not small against ``N`` (the fine posteriors: all of
+    them), those few per row are gathered and sorted, not the whole row (9x faster on the estep
+    benchmark's coarse rows of 70,848; with ``max_count`` 100 topk is the faster)."""
+    b, n = prob.shape
+    n_max = n
+    if 64 * max_count > n and b:
+        cand = prob >= 0.5 * (1.0 - fraction) / n
+        counts = cand.sum(dim=1)
+        n_max = int(counts.max())
+    if 4 * n_max > n:  # max_count small, or flat rows: topk of the whole rows
+        top_p, order = prob.topk(min(max_count, n), dim=1)
+        cols = order
+    else:
+        rows, col = torch.nonzero(cand, as_tuple=True)  # row-major: a row's run in order
+        pos = torch.arange(rows.numel(), device=prob.device) - (counts.cumsum(0) - counts)[rows]
+        values = prob.new_full((b, n_max), -1.0).index_put_((rows, pos), prob[rows, col])
+        index = col.new_full((b, n_max), n).index_put_((rows, pos), col)  # pads: column n
+        top_p, order = values.topk(min(max_count, n_max), dim=1)
+        cols = index.gather(1, order)
     keep_sorted = (top_p.cumsum(dim=1) - top_p) < fraction
+    keep_sorted &= top_p >= 0  # not a pad (pads sort last: the cumulative sums before them hold)
     keep_sorted[:, 0] = True
-    return torch.zeros_like(prob, dtype=torch.bool).scatter(1, order, keep_sorted)
+    mask = torch.zeros((b, n + 1), dtype=torch.bool, device=prob.device)
+    return mask.scatter_(1, cols, keep_sorted)[:, :n]
 
 
 def _padded_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,12 +225,19 @@ def fine_search(
     # sums and masks: about 32 bytes a fine pose
     limit = budget_bytes // 4
     parts = []
-    for g0, g1, _, _ in _working_groups(sizes, lambda m, n: 32 * 64 * (m + 1) * n, limit):
+    groups = _working_groups(sizes, lambda m, n: 32 * 64 * (m + 1) * n, limit)
+    for g0, g1, _, _ in groups:
         rows = order[g0:g1]
         shapes = [(rows.numel(), data.shape[1])] * 2
         block = workspace.take("fine block", shapes, [data.dtype, ctf2.dtype], data.device)
-        weighted = torch.index_select(data, 0, rows, out=block[0]).mul_(grid.inv_sigma2)  # D/σ²
-        half_c = torch.index_select(ctf2, 0, rows, out=block[1]).mul_(0.5).mul_(grid.inv_sigma2)
+        if len(groups) == 1:  # the whole batch: in its order (one pass each, no gather)
+            rows = torch.arange(data.shape[0], device=data.device)
+            weighted = torch.mul(data, grid.inv_sigma2, out=block[0])  # D/σ²
+            half_c = torch.mul(ctf2, grid.inv_sigma2, out=block[1]).mul_(0.5)  # ½C/σ²
+        else:
+            weighted = torch.index_select(data, 0, rows, out=block[0]).mul_(grid.inv_sigma2)
+            half_c = torch.index_select(ctf2, 0, rows, out=block[1]).mul_(grid.inv_sigma2)
+            half_c.mul_(0.5)
         args = (weighted, half_c, refs_full, o_sig[rows], t_sig[rows], grid)
         priors = (log_prior_offset, log_prior_ko)
         part = _fine_block(*args, *priors, fraction, budget_bytes, workspace)
@@ -550,6 +589,7 @@ def align(
     prior_t_fine = search.log_prior_offset(f_grid.offsets_px)
     prior_ko_fine = search.log_prior_ko(len(f_grid.rotations))
     T, KO, V = c_grid.offsets_px.shape[0], proj.shape[0], len(c_grid.voxels)
+    power = _power(proj).T  # (V, KO): once, not per chunk
     # coarse scores by working-set chunks; the fine pass over as many particles as their coarse
     # significance (a byte a pose) allows, so that their projections are shared
     sub = max(1, min(search.budget_bytes, WORKING_SET_BYTES) // (4 * (T * KO * 3 + T * V * 6)))
@@ -560,7 +600,7 @@ def align(
         sig = []
         for i in range(0, d.shape[0], sub):
             dc, cc = c_grid.voxels.take(d[i : i + sub]), c_grid.voxels.take(c[i : i + sub])
-            scores = coarse_scores(dc, cc, proj, c_grid, log_prior)
+            scores = coarse_scores(dc, cc, proj, c_grid, log_prior, power=power)
             prob = torch.softmax(scores.reshape(scores.shape[0], -1), dim=1)
             mask = significant_mask(prob, search.fraction, search.max_significant)
             sig.append(mask.reshape(scores.shape))

@@ -73,8 +73,14 @@ class VoxelSet:
     def phases(self, offsets_px: torch.Tensor, box: int) -> torch.Tensor:
         """``exp(+2πi k·t/box)`` for offsets ``(T, 3)`` px -> ``(T, V)`` complex: multiplying a
         particle's transform by it moves the content by ``-t`` (back to the centre)."""
-        phase = (2.0 * torch.pi / box) * (offsets_px.to(self.coords) @ self.coords.T)
-        return torch.complex(torch.cos(phase), torch.sin(phase))  # 3x faster than torch.polar
+        # one cos over (φ, φ - π/2) interleaved writes (cos φ, sin φ) as the complex table: 2x
+        # faster than cos, sin and torch.complex (3x faster than torch.polar)
+        t = offsets_px.to(self.coords) * (2.0 * torch.pi / box)
+        t = torch.cat([t, torch.ones_like(t[:, :1])], 1)  # (T, 4): the last column takes -π/2
+        k = torch.cat([self.coords.T, self.coords.new_zeros(1, len(self))]).repeat_interleave(2, 1)
+        k[3, 1::2] = -0.5 * torch.pi
+        phase = (t @ k).cos_()  # (T, 2V): re, im interleaved
+        return torch.view_as_complex(phase.view(t.shape[0], -1, 2))
 
 
 def shell_means(values: torch.Tensor, shell: torch.Tensor, n_shells: int) -> torch.Tensor:
