@@ -353,8 +353,9 @@ class GroupEvidence:
     sample: the minimum for up to 5) over the group's operators (one of each pair ``g, g⁻¹``)
     of their :func:`~.turn_excess`, the fraction of the map's non-cylindrical part about each
     axis that agrees with its copy. A low percentile, not the mean: at least half the elements
-    of a group larger than the true one are wrong and pull it down (so its subgroups need no
-    test of their own); not the minimum: noise, or a missing wedge that two copies see from
+    of a group larger than the true one are wrong and pull it down (where most of them agree in
+    part, as the flips of Dn on a ring of Cn subunits, :func:`decide` tests its halves); not the
+    minimum: noise, or a missing wedge that two copies see from
     different sides, would then penalise large groups. ``significance`` = ``(score - null) /
     null_sd · √m`` for ``m`` operator pairs: the score in standard deviations of the excess of
     randomly turned copies, grown with the number of elements that agree (the best single axis
@@ -393,8 +394,8 @@ class Detection:
         return "\n".join(lines)
 
 
-# calibrated on the recovery phantoms (trials 0-4 of every group) and asymmetric ones (0-9):
-# docs/architecture.md, "Detection"
+# set on the recovery phantoms (trials 0-3 of every group) and asymmetric ones (0-9), checked on
+# trial 4 and asymmetric 10-19: docs/architecture.md, "Symmetry detection"
 DETECT_ACCEPT = 0.45
 DETECT_MIN_SIGNIFICANCE = 7.8
 DETECT_MIN_RATIO = 0.8
@@ -428,9 +429,9 @@ def detect_symmetry(
     other angles about the same axes (:class:`GroupEvidence`). A group holds when its score
     reaches ``accept``, its significance ``min_significance``, and each of its index-2 subgroups
     among the candidates (Cn in Dn, T in O, ...) scores at least ``accept``, and at most
-    ``1/min_ratio`` times its own score. The verdict
-    is the largest group that holds, the runner-up the most significant other group that is not
-    one of its subgroups; when none holds, C1, naming the most significant group as runner-up.
+    ``1/min_ratio`` times its own score. The verdict is the largest group that holds, the
+    runner-up the most significant other group that is not one of its subgroups; when none
+    holds, C1, naming the most significant group as runner-up.
     """
     params = params or AlignParams()
     candidates = CANDIDATES if candidates is None else candidates
