@@ -557,35 +557,27 @@ __attribute__((target("avx2,fma"))) D3D_INLINE __m256 cmul8(__m256 a, __m256 b) 
   return _mm256_fmaddsub_ps(a, b_re, _mm256_mul_ps(a_sw, b_im));
 }
 
+// acc (8 x 8 floats) <-> eight registers, and a[c] += v * q_c[k] for the eight children c:
+// with the loops unrolled (constant bounds, always inlined) the registers stay registers.
+__attribute__((target("avx2,fma"))) D3D_INLINE void load8(const float* acc, __m256* a) {
+  for (int c = 0; c < 8; ++c) a[c] = _mm256_loadu_ps(acc + 8 * c);
+}
+__attribute__((target("avx2,fma"))) D3D_INLINE void store8(const __m256* a, float* acc) {
+  for (int c = 0; c < 8; ++c) _mm256_storeu_ps(acc + 8 * c, a[c]);
+}
+__attribute__((target("avx2,fma"))) D3D_INLINE void fma8(__m256 v, const float* q0, int64_t st,
+                                                         int64_t k, __m256* a) {
+  for (int c = 0; c < 8; ++c) a[c] = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q0 + c * st + k), a[c]);
+}
+
 // acc (8 c', 8 c) += sum_k y[8k + c] q_c'[k] (q_c' = q + c'·st): one offset's rows against a
 // parent's eight children.
 __attribute__((target("avx2,fma"))) D3D_INLINE void gemm_1x8(const float* y, const float* q0,
                                                              int64_t st, int64_t n2, float* acc) {
-  const float *q1 = q0 + st, *q2 = q1 + st, *q3 = q2 + st, *q4 = q3 + st, *q5 = q4 + st,
-              *q6 = q5 + st, *q7 = q6 + st;
-  __m256 a0 = _mm256_loadu_ps(acc), a1 = _mm256_loadu_ps(acc + 8);
-  __m256 a2 = _mm256_loadu_ps(acc + 16), a3 = _mm256_loadu_ps(acc + 24);
-  __m256 a4 = _mm256_loadu_ps(acc + 32), a5 = _mm256_loadu_ps(acc + 40);
-  __m256 a6 = _mm256_loadu_ps(acc + 48), a7 = _mm256_loadu_ps(acc + 56);
-  for (int64_t k = 0; k < n2; ++k) {
-    const __m256 v = _mm256_loadu_ps(y + 8 * k);
-    a0 = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q0 + k), a0);
-    a1 = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q1 + k), a1);
-    a2 = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q2 + k), a2);
-    a3 = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q3 + k), a3);
-    a4 = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q4 + k), a4);
-    a5 = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q5 + k), a5);
-    a6 = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q6 + k), a6);
-    a7 = _mm256_fmadd_ps(v, _mm256_broadcast_ss(q7 + k), a7);
-  }
-  _mm256_storeu_ps(acc, a0);
-  _mm256_storeu_ps(acc + 8, a1);
-  _mm256_storeu_ps(acc + 16, a2);
-  _mm256_storeu_ps(acc + 24, a3);
-  _mm256_storeu_ps(acc + 32, a4);
-  _mm256_storeu_ps(acc + 40, a5);
-  _mm256_storeu_ps(acc + 48, a6);
-  _mm256_storeu_ps(acc + 56, a7);
+  __m256 a[8];
+  load8(acc, a);
+  for (int64_t k = 0; k < n2; ++k) fma8(_mm256_loadu_ps(y + 8 * k), q0, st, k, a);
+  store8(a, acc);
 }
 
 // gemm_1x8 with the offset's rows made in registers from z = D e(t_j) (interleaved) and the
@@ -593,43 +585,15 @@ __attribute__((target("avx2,fma"))) D3D_INLINE void gemm_1x8(const float* y, con
 __attribute__((target("avx2,fma"))) D3D_INLINE void gemm_1x8_rows(const float* z, const float* cv,
                                                                   const float* q0, int64_t st,
                                                                   int64_t n, float* acc) {
-  const float *q1 = q0 + st, *q2 = q1 + st, *q3 = q2 + st, *q4 = q3 + st, *q5 = q4 + st,
-              *q6 = q5 + st, *q7 = q6 + st;
-  __m256 a0 = _mm256_loadu_ps(acc), a1 = _mm256_loadu_ps(acc + 8);
-  __m256 a2 = _mm256_loadu_ps(acc + 16), a3 = _mm256_loadu_ps(acc + 24);
-  __m256 a4 = _mm256_loadu_ps(acc + 32), a5 = _mm256_loadu_ps(acc + 40);
-  __m256 a6 = _mm256_loadu_ps(acc + 48), a7 = _mm256_loadu_ps(acc + 56);
+  __m256 a[8];
+  load8(acc, a);
   for (int64_t t = 0; t < n; ++t) {
     const __m256 zr = _mm256_broadcast_ss(z + 2 * t), zi = _mm256_broadcast_ss(z + 2 * t + 1);
     const __m256 cr = _mm256_loadu_ps(cv + 16 * t), ci = _mm256_loadu_ps(cv + 16 * t + 8);
-    const __m256 yr = _mm256_fmsub_ps(zr, cr, _mm256_mul_ps(zi, ci));
-    const __m256 yi = _mm256_fmadd_ps(zr, ci, _mm256_mul_ps(zi, cr));
-    const int64_t k = 2 * t;
-    a0 = _mm256_fmadd_ps(yr, _mm256_broadcast_ss(q0 + k), a0);
-    a1 = _mm256_fmadd_ps(yr, _mm256_broadcast_ss(q1 + k), a1);
-    a2 = _mm256_fmadd_ps(yr, _mm256_broadcast_ss(q2 + k), a2);
-    a3 = _mm256_fmadd_ps(yr, _mm256_broadcast_ss(q3 + k), a3);
-    a4 = _mm256_fmadd_ps(yr, _mm256_broadcast_ss(q4 + k), a4);
-    a5 = _mm256_fmadd_ps(yr, _mm256_broadcast_ss(q5 + k), a5);
-    a6 = _mm256_fmadd_ps(yr, _mm256_broadcast_ss(q6 + k), a6);
-    a7 = _mm256_fmadd_ps(yr, _mm256_broadcast_ss(q7 + k), a7);
-    a0 = _mm256_fmadd_ps(yi, _mm256_broadcast_ss(q0 + k + 1), a0);
-    a1 = _mm256_fmadd_ps(yi, _mm256_broadcast_ss(q1 + k + 1), a1);
-    a2 = _mm256_fmadd_ps(yi, _mm256_broadcast_ss(q2 + k + 1), a2);
-    a3 = _mm256_fmadd_ps(yi, _mm256_broadcast_ss(q3 + k + 1), a3);
-    a4 = _mm256_fmadd_ps(yi, _mm256_broadcast_ss(q4 + k + 1), a4);
-    a5 = _mm256_fmadd_ps(yi, _mm256_broadcast_ss(q5 + k + 1), a5);
-    a6 = _mm256_fmadd_ps(yi, _mm256_broadcast_ss(q6 + k + 1), a6);
-    a7 = _mm256_fmadd_ps(yi, _mm256_broadcast_ss(q7 + k + 1), a7);
+    fma8(_mm256_fmsub_ps(zr, cr, _mm256_mul_ps(zi, ci)), q0, st, 2 * t, a);
+    fma8(_mm256_fmadd_ps(zr, ci, _mm256_mul_ps(zi, cr)), q0, st, 2 * t + 1, a);
   }
-  _mm256_storeu_ps(acc, a0);
-  _mm256_storeu_ps(acc + 8, a1);
-  _mm256_storeu_ps(acc + 16, a2);
-  _mm256_storeu_ps(acc + 24, a3);
-  _mm256_storeu_ps(acc + 32, a4);
-  _mm256_storeu_ps(acc + 40, a5);
-  _mm256_storeu_ps(acc + 48, a6);
-  _mm256_storeu_ps(acc + 56, a7);
+  store8(a, acc);
 }
 
 // gemm_1x8 for two offsets' rows y0, y1 and four children q0 .. q0 + 3 st into acc0, acc1
