@@ -43,3 +43,19 @@ def test_workspace_reuses_its_buffer_and_grows_when_asked_for_more() -> None:
     assert other.data_ptr() != a.data_ptr()
     (d,) = ws.take("x", [(1000,)], [torch.float64], cpu)
     assert d.numel() == 1000 and d.untyped_storage().nbytes() >= 8000
+
+
+def test_workspace_grows_by_half_again_so_small_growth_keeps_the_buffer() -> None:
+    """A run's batches grow by small steps: a request a little larger than the buffer gets half
+    again as much, and the next small growth reuses it (no new mapping to fault in)."""
+    import torch
+
+    ws = memory.Workspace()
+    cpu = torch.device("cpu")
+    (a,) = ws.take("x", [(1000,)], [torch.float32], cpu)
+    (b,) = ws.take("x", [(1100,)], [torch.float32], cpu)
+    assert b.data_ptr() != a.data_ptr() and b.untyped_storage().nbytes() >= 6000
+    (c,) = ws.take("x", [(1400,)], [torch.float32], cpu)
+    assert c.data_ptr() == b.data_ptr()
+    (d,) = ws.take("x", [(5000,)], [torch.float32], cpu)  # a large step: exactly what is asked
+    assert 20000 <= d.untyped_storage().nbytes() < 21000

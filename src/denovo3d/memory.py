@@ -84,6 +84,10 @@ class Workspace:
         total = sum(sizes)
         buf = self._buffers.get(name)
         if buf is None or buf.numel() < total or buf.device != torch.device(device):
+            if buf is not None and buf.device == torch.device(device):
+                # half again as much: a run's batches and boxes grow by small steps, and each
+                # new buffer's pages are faulted in afresh (pages never touched cost nothing)
+                total = max(total, buf.numel() + buf.numel() // 2)
             buf = self._buffers[name] = None  # the old buffer goes before the new one comes
             self._buffers[name] = torch.empty(total, dtype=torch.uint8, device=device)
         buf, views, start = self._buffers[name], [], 0

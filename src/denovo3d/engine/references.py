@@ -70,9 +70,11 @@ def mask_particles(
     n_ring = max(1, ring.numel())
     out = torch.empty_like(data) if out is None else out
     # by chunks of particles under the working set: whole-batch volumes would be new mappings,
-    # their pages faulted in at every sub-batch. The edge mean is a sum per particle (a GEMV
-    # summed differently with the number of rows: a particle's result hung on its sub-batch)
-    step = max(1, WORKING_SET_BYTES // (box**3 * m.element_size()))
+    # their pages faulted in at every sub-batch. The largest temporary is the complex half-grid
+    # (the inverse FFT copies its input), 8% larger than the volume. The edge mean is a sum per
+    # particle (a GEMV summed differently with the number of rows: a particle's result hung on
+    # its sub-batch)
+    step = max(1, WORKING_SET_BYTES // (data[:1].numel() * data.element_size()))
     for i in range(0, data.shape[0], step):
         vol = torch.fft.irfftn(data[i : i + step], s=(box, box, box), dim=dims)
         flat = vol.reshape(vol.shape[0], -1)
