@@ -102,10 +102,20 @@ class InMemoryParticles:
             }
         )
 
+    zero_mask: tuple[float, float] | None = None
+
+    def set_zero_mask(self, diameter_a: float | None, edge_px: float = 5.0) -> None:
+        self.zero_mask = None if diameter_a is None else (diameter_a, edge_px)
+
     def load(self, indices, box=None, device="cpu", threads=1, workspace=None):
+        from denovo3d.engine.references import mask_particles
+
         idx = torch.as_tensor(indices).reshape(-1).long()
         box = self.box if box is None else int(box)
         t = [self.parts[k][idx] for k in ("data", "ctf2", "multiplicity")]
+        if self.zero_mask is not None:  # at the full box, then cropped, as ParticleSet does
+            diameter_a, edge_px = self.zero_mask
+            t.append(mask_particles(t[0], diameter_a / self.pixel_size_a, edge_px))
         if box < self.box:
             t = [self._crop(x, box) for x in t]
         return self._batch(idx.to(device), *(x.to(device) for x in t))

@@ -162,3 +162,36 @@ def test_loads_into_a_workspace_equal_new_tensors(project: dict) -> None:
         for name in ("data", "ctf2", "multiplicity"):
             assert torch.equal(getattr(a, name), getattr(b, name))
     assert ps.load([1], 8, workspace=ws).data.data_ptr() == a.data.data_ptr()
+
+
+def test_zero_mask_copy_is_made_once_at_the_cache_box_and_cropped(
+    project: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``set_zero_mask`` a batch's ``masked`` is the masked data of the cache box, cropped
+    (RELION masks before windowing), for hits and misses alike; a particle is masked once per
+    read, not per load; the cache counts its bytes; ``None`` drops it."""
+    from denovo3d import particles
+    from denovo3d.engine.references import mask_particles
+
+    calls = []
+
+    def counting(data, *args, **kwargs):
+        calls.append(data.shape[0])
+        return mask_particles(data, *args, **kwargs)
+
+    monkeypatch.setattr(particles, "mask_particles", counting)
+    ps = load_particle_set(project["particles"])
+    assert ps.load([0]).masked is None
+    ps.set_zero_mask(54.0, 3.0)  # 10 px at 5.4 Å a pixel
+    plain = load_particle_set(project["particles"])
+    for rows, box in (([0, 3], 16), ([3, 5, 0], 8), ([5], 12)):
+        got = ps.load(rows, box)
+        full = plain.load(rows)
+        expected = mask_particles(full.data, 10.0, 3.0)
+        expected = expected if box == 16 else fourier_crop(expected, box)
+        torch.testing.assert_close(got.masked, expected, rtol=1e-5, atol=1e-4)
+        assert torch.equal(got.data, plain.load(rows, box).data)  # the data stay unmasked
+    assert sum(calls) == 3  # particles 0, 3, 5: each masked once
+    assert ps._cache_bytes == 3 * 16 * 16 * 9 * 24
+    ps.set_zero_mask(None)
+    assert ps.load([0]).masked is None and ps._cache_bytes == 16 * 16 * 9 * 16

@@ -12,6 +12,9 @@ layout), cropped to the box the engine asks for:
 With that, one likelihood serves both formats (DESIGN §4). Reads are lazy, with a least-recently-
 used cache under a memory budget; ``preread`` loads everything at once; ``use_scratch`` writes
 the transformed particles once into one file on a (local) scratch disk and reads them from there.
+With ``set_zero_mask`` (``--zero_mask``) a fourth tensor, ``masked``, holds D with the solvent
+outside a soft sphere set to its edge's mean, the data the search aligns: made once per read at
+the cache box and cropped from there, as RELION masks the image at its size before windowing it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from denovo3d.engine.references import mask_particles
 from denovo3d.errors import InputError
 from denovo3d.fourier import centred_rfft, fourier_crop
 from denovo3d.io.mrc import read_header, read_mrc
@@ -38,6 +42,7 @@ __all__ = ["MULTIPLICITY_THRESHOLD", "ParticleBatch", "ParticleSet", "load_parti
 
 MULTIPLICITY_THRESHOLD = 0.01  # RELION's --subtomo_multi_thr
 _BYTES_PER_VOXEL = 16  # complex64 data + float32 ctf2 + float32 multiplicity
+_MASKED_BYTES_PER_VOXEL = 8  # complex64 masked data (with set_zero_mask)
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class ParticleBatch:
     data: torch.Tensor  # (b, s, s, s//2+1) complex64
     ctf2: torch.Tensor  # (b, s, s, s//2+1) float32
     multiplicity: torch.Tensor  # (b, s, s, s//2+1) float32
+    masked: torch.Tensor | None = None  # (b, s, s, s//2+1) complex64, with set_zero_mask
 
     @property
     def box(self) -> int:
@@ -140,9 +146,10 @@ class ParticleSet:
         self.tables = tables
         self.memory_budget_bytes = int(memory_budget_bytes)
         self._cache: OrderedDict[int, int] = OrderedDict()  # row -> slot of the slab, LRU order
-        self._slab: tuple[torch.Tensor, ...] | None = None  # (capacity, s, s, s//2+1) D, C, M
+        self._slab: tuple[torch.Tensor, ...] | None = None  # (capacity, s, s, s//2+1) D, C, M[, D']
         self._cache_box = tables.box
         self._scratch: _ScratchFile | None = None
+        self._zero_mask: tuple[float, float] | None = None  # diameter (Å), edge (cache box px)
 
     # ---- description ---------------------------------------------------------------------
     @property
@@ -254,13 +261,18 @@ class ParticleSet:
         return data, ctf2, mult
 
     def _read_rows(self, rows: Sequence[int], threads: int) -> tuple[torch.Tensor, ...]:
-        """D, C, M of ``rows`` at the cache box, from the scratch file or the particle files."""
+        """D, C, M (and the masked D) of ``rows`` at the cache box, from the scratch file or the
+        particle files."""
         if self._scratch is not None:
             tensors = self._scratch.read(rows)
         else:
             tensors = self._read_files(rows, threads)
         if self._cache_box < self.box:
             tensors = tuple(fourier_crop(t, self._cache_box) for t in tensors)
+        if self._zero_mask is not None:
+            diameter_a, edge_px = self._zero_mask
+            diameter_px = diameter_a / self.pixel_size_a * self._cache_box / self.box
+            tensors = (*tensors, mask_particles(tensors[0], diameter_px, edge_px))
         return tensors
 
     def _read_files(self, rows: Sequence[int], threads: int) -> tuple[torch.Tensor, ...]:
@@ -281,6 +293,19 @@ class ParticleSet:
         mult = mult.masked_fill(empty, 0).float()
         return data, weights, mult
 
+    def set_zero_mask(self, diameter_a: float | None, edge_px: float = 5.0) -> None:
+        """Also keep each particle's data masked by a soft sphere of ``diameter_a`` (Å) with an
+        ``edge_px`` edge (pixels of the cache box), outside set to the edge's mean (RELION's
+        ``--zero_mask``), returned as :attr:`ParticleBatch.masked`; ``None``: no masked copy.
+        Masking once per read instead of at every mini-batch saves two FFTs a particle each
+        time it is searched (at box 64, 3.9 ms of a few tens per particle), for 8 bytes a voxel
+        more in the cache."""
+        mask = None if diameter_a is None else (float(diameter_a), float(edge_px))
+        if mask != self._zero_mask:
+            self._zero_mask = mask
+            self._cache.clear()
+            self._slab = None
+
     def set_cache_box(self, box: int) -> None:
         """Declare the largest box the caller will ask for, so the cache holds only that much."""
         box = min(int(box), self.box)
@@ -292,9 +317,9 @@ class ParticleSet:
                 self._slab = tuple(fourier_crop(t, box) for t in self._slab)
             self._cache_box = box
 
-    @staticmethod
-    def _bytes_per_particle(box: int) -> int:
-        return box * box * (box // 2 + 1) * _BYTES_PER_VOXEL
+    def _bytes_per_particle(self, box: int) -> int:
+        per_voxel = _BYTES_PER_VOXEL + (_MASKED_BYTES_PER_VOXEL if self._zero_mask else 0)
+        return box * box * (box // 2 + 1) * per_voxel
 
     @property
     def _cache_bytes(self) -> int:
@@ -341,7 +366,8 @@ class ParticleSet:
         fresh = self._read_rows(missing, threads) if missing else ()
         shape = (box, box, box // 2 + 1)
         dtypes = (torch.complex64, torch.float32, torch.float32)
-        shapes = [(len(rows), *shape)] * 3
+        dtypes += (torch.complex64,) if self._zero_mask is not None else ()
+        shapes = [(len(rows), *shape)] * len(dtypes)
         if workspace is None:
             tensors = [torch.empty(s, dtype=dt) for s, dt in zip(shapes, dtypes, strict=True)]
         else:
@@ -360,8 +386,9 @@ class ParticleSet:
                     break
                 for slab, new in zip(self._slab, fresh, strict=True):
                     slab[slot] = new[j]
-        data, ctf2, mult = (t.to(device) for t in tensors)
-        return ParticleBatch(torch.tensor(rows, dtype=torch.int64, device=device), data, ctf2, mult)
+        data, ctf2, mult, *masked = (t.to(device) for t in tensors)
+        indices = torch.tensor(rows, dtype=torch.int64, device=device)
+        return ParticleBatch(indices, data, ctf2, mult, masked[0] if masked else None)
 
     def _copy_rows(
         self,
@@ -370,7 +397,7 @@ class ParticleSet:
         at: torch.Tensor,
         src: torch.Tensor,
     ) -> None:
-        """``out[f][at] = crop(source[f][src])`` for D, C and M (``source`` at the cache box,
+        """``out[f][at] = crop(source[f][src])`` for D, C, M[, D'] (``source`` at the cache box,
         ``out`` at its own box), by chunks of particles under ``WORKING_SET_BYTES``: a batch-sized
         copy at the cache box would be a new mapping, faulted in at every load."""
         box = out[0].shape[-2]

@@ -35,7 +35,6 @@ from denovo3d.engine.noise import (
 from denovo3d.engine.projector import full_centred
 from denovo3d.engine.references import (
     initial_references,
-    mask_particles,
     non_negative,
     soft_mask_outside,
     solvent_flatten,
@@ -220,15 +219,16 @@ def _record(state: RefineState, rows: np.ndarray, al: Alignment, grids: _Iterati
 
 
 def _load(ps, rows: np.ndarray, box: int, device, cfg: RefineConfig, ws: memory.Workspace):
-    """A sub-batch and its masked data, views of ``ws`` (buffers "particles" and "masked")."""
+    """A sub-batch (views of ``ws``'s buffer "particles") and the data it is aligned with: with
+    ``--zero_mask`` the particle set's masked copy (:meth:`ParticleSet.set_zero_mask`)."""
+    _use_zero_mask(ps, cfg)
     batch = ps.load(rows, box, device, workspace=ws)
-    aligned = batch.data
-    if cfg.zero_mask:
-        diameter_px = cfg.particle_diameter_a / ps.pixel_size_a * box / ps.box
-        d = batch.data
-        (out,) = ws.take("masked", [tuple(d.shape)], [d.dtype], d.device)
-        aligned = mask_particles(d, diameter_px, cfg.mask_edge_px, out=out)
-    return batch, aligned
+    return batch, batch.data if batch.masked is None else batch.masked
+
+
+def _use_zero_mask(ps, cfg: RefineConfig) -> None:
+    """Tell the particle set whether to keep masked copies (before it reads: each is made once)."""
+    ps.set_zero_mask(cfg.particle_diameter_a if cfg.zero_mask else None, cfg.mask_edge_px)
 
 
 def _sub_batch(cfg: RefineConfig, box: int) -> int:
@@ -476,6 +476,7 @@ def run(
             distributed.local_leader_first(
                 ranks, lambda: ps.use_scratch(cfg.scratch_dir, threads=cfg.threads)
             )
+        _use_zero_mask(ps, cfg)
         if cfg.preread_images:
             ps.preread(threads=cfg.threads)
     schedule = VdamSchedule.build(cfg, ps.n)
