@@ -13,6 +13,7 @@ completion) inside the Nyquist sphere, at a fraction of the cost.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 
@@ -302,12 +303,21 @@ def backproject(values: torch.Tensor, coords: torch.Tensor, box: int) -> torch.T
     return _fold(vol)
 
 
+@functools.lru_cache(maxsize=8)
+def _fold_index(box: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices into a full centred ``(S, S, S)`` grid of ``+k`` and ``-k`` for every
+    half-grid voxel ``k`` (``-S/2`` wraps), kept per box: building them cost 13 ms a call at
+    box 64, twice per :func:`splat`."""
+    k = rfft_coords(box, device).long()  # (S, S, H, 3)
+    pos = (k + box // 2) % box
+    neg = (-k + box // 2) % box
+    return tuple(((p[..., 2] * box + p[..., 1]) * box + p[..., 0]).reshape(-1) for p in (pos, neg))
+
+
 def _fold(full: torch.Tensor) -> torch.Tensor:
     """Full centred ``(S, S, S)`` -> half grid with the Friedel mates added."""
     box = full.shape[-1]
-    k = rfft_coords(box, full.device).long()  # (S, S, H, 3)
-    pos = (k + box // 2) % box  # index of +k in the centred grid (wraps -S/2)
-    neg = (-k + box // 2) % box
-    a = full[pos[..., 2], pos[..., 1], pos[..., 0]]
-    b = full[neg[..., 2], neg[..., 1], neg[..., 0]]
-    return a + (b.conj() if full.is_complex() else b)
+    pos, neg = _fold_index(box, full.device)
+    flat = full.reshape(-1)
+    a, b = flat.index_select(0, pos), flat.index_select(0, neg)
+    return (a + (b.conj() if full.is_complex() else b)).view(box, box, box // 2 + 1)
