@@ -60,6 +60,25 @@ def test_crop_then_pad_keeps_low_frequencies() -> None:
     assert float(back[k.abs().amax(dim=-1) >= 8].abs().max()) == 0.0
 
 
+def test_crop_keeps_each_frequency_by_index_and_zeroes_nyquist() -> None:
+    """Every frequency of the small box comes from the same signed frequency of the large one
+    (checked by index, batched, into ``out`` or not); the small box's Nyquist planes are 0."""
+    gen = torch.Generator().manual_seed(1)
+    ft = torch.randn(3, 32, 32, 17, dtype=torch.complex64, generator=gen)
+    for box in (16, 10, 32):
+        out = torch.full((3, box, box, box // 2 + 1), float("nan"), dtype=ft.dtype)
+        for got in (fourier_crop(ft, box), fourier_crop(ft, box, out=out)):
+            for z in range(box):
+                for y in range(box):
+                    fz, fy = (z + box // 2) % box - box // 2, (y + box // 2) % box - box // 2
+                    want = ft[:, fz % 32, fy % 32, : box // 2 + 1].clone()
+                    if box // 2 in (z, y):
+                        want.zero_()
+                    want[:, box // 2] = 0
+                    assert torch.equal(got[:, z, y], want)
+        assert fourier_crop(ft, box, out=out) is out
+
+
 def test_sample_on_grid_points_and_friedel() -> None:
     box = 16
     vol = _blob(box, (6.0, 9.0, 8.0)) + _blob(box, (10.0, 7.0, 9.0), 1.2)

@@ -61,21 +61,27 @@ def _wrapped_window(box_from: int, box_to: int, device: torch.device) -> torch.T
     return k % box_from
 
 
-def fourier_crop(ft: torch.Tensor, box: int) -> torch.Tensor:
-    """Keep the frequencies of a smaller even box: ``(.., S, S, S//2+1)`` -> ``(.., s, s, s//2+1)``.
+def fourier_crop(ft: torch.Tensor, box: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep the frequencies of a smaller even box: ``(.., S, S, S//2+1)`` -> ``(.., s, s, s//2+1)``
+    (into ``out`` if given).
 
     The values are kept as they are (no rescaling), so cropped transforms of data and reference
     stay on the same scale; the Nyquist planes of the small box are zeroed to keep Friedel symmetry.
+    Four block copies (the non-negative and negative halves of z and y): one pass over the output.
     """
     big = ft.shape[-2]
     if box > big or box % 2:
         raise ValueError(f"cannot crop a box of {big} to {box}")
-    idx = _wrapped_window(big, box, ft.device)
-    out = ft.index_select(-3, idx).index_select(-2, idx)[..., : box // 2 + 1].clone()
-    nyq = box // 2
-    out[..., nyq, :, :] = 0
-    out[..., :, nyq, :] = 0
-    out[..., :, :, nyq] = 0
+    h = box // 2
+    if out is None:
+        out = ft.new_empty((*ft.shape[:-3], box, box, h + 1))
+    halves = ((slice(0, h), slice(0, h)), (slice(h, box), slice(big - h, big)))
+    for z_out, z_in in halves:
+        for y_out, y_in in halves:
+            out[..., z_out, y_out, :] = ft[..., z_in, y_in, : h + 1]
+    out[..., h, :, :] = 0
+    out[..., :, h, :] = 0
+    out[..., :, :, h] = 0
     return out
 
 

@@ -399,13 +399,25 @@ class ParticleSet:
     ) -> None:
         """``out[f][at] = crop(source[f][src])`` for D, C, M[, D'] (``source`` at the cache box,
         ``out`` at its own box), by chunks of particles under ``WORKING_SET_BYTES``: a batch-sized
-        copy at the cache box would be a new mapping, faulted in at every load."""
+        copy at the cache box would be a new mapping, faulted in at every load. When ``at`` is a
+        run of positions (a batch all in the cache) each chunk goes straight into its slice of
+        ``out``: one gather (and one crop) instead of three copies."""
         box = out[0].shape[-2]
         step = max(1, WORKING_SET_BYTES // self._bytes_per_particle(self._cache_box))
+        run = at.numel() > 0 and int(at[-1]) - int(at[0]) == at.numel() - 1
         for i in range(0, at.numel(), step):
+            rows = src[i : i + step]
             for dst, full in zip(out, source, strict=True):
-                part = full.index_select(0, src[i : i + step])
-                dst[at[i : i + step]] = part if box == full.shape[-2] else fourier_crop(part, box)
+                same = box == full.shape[-2]
+                if not run:
+                    part = full.index_select(0, rows)
+                    dst[at[i : i + step]] = part if same else fourier_crop(part, box)
+                    continue
+                target = dst[int(at[0]) + i : int(at[0]) + i + rows.numel()]
+                if same:
+                    torch.index_select(full, 0, rows, out=target)
+                else:
+                    fourier_crop(full.index_select(0, rows), box, out=target)
 
     def use_scratch(self, directory: str | Path, threads: int = 1, chunk: int = 64) -> Path:
         """Read the particles from one file in ``directory`` (``--scratch_dir``), written now
