@@ -551,6 +551,15 @@ D3D_INLINE void fine_block(const Fine<T>& p, int64_t i, int64_t row, int64_t nt,
 
 #if D3D_X86
 
+constexpr int64_t kFetchAhead = 2;  // blocks
+
+// Prefetch of one block's complex row (kFineBlock · 8 bytes).
+D3D_INLINE void fetch_block(const float* row) {
+  for (int64_t k = 0; k < 2 * kFineBlock; k += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(row + k), _MM_HINT_T0);
+  }
+}
+
 __attribute__((target("avx2,fma"))) D3D_INLINE __m256 cmul8(__m256 a, __m256 b) {
   const __m256 b_re = _mm256_moveldup_ps(b), b_im = _mm256_movehdup_ps(b);
   const __m256 a_sw = _mm256_permute_ps(a, 0xB1);
@@ -646,6 +655,14 @@ __attribute__((target("avx2,fma"))) void fine_block_avx2(const Fine<float>& p, c
   const int64_t n2 = 2 * n;
   const float* w = p.w + 2 * (row * p.V + v0);
   const float* cv = cpt + 16 * v0;
+  const int64_t ahead = v0 + kFetchAhead * kFineBlock;
+  if (ahead < p.V) {  // a later block's weighted data and offset phases: rows read once a
+    // particle, too many at a time for the hardware prefetchers
+    for (int64_t j = 0; j < nt; ++j) {
+      fetch_block(p.pp + 2 * (p.t_pos[row * p.n_tc + j] * p.V + ahead));
+    }
+    fetch_block(p.w + 2 * (row * p.V + ahead));
+  }
   float* z = buf.z.data();
   float* y = buf.y.data();
   for (int64_t j = 0; j < nt; ++j) {  // the rows of every offset: y + 16 B j
