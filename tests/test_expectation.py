@@ -331,3 +331,5 @@ def test_phases_are_unit_complex_exponentials_in_the_voxels_dtype() -> None:
             angle = (2 * torch.pi / 24) * (t.double() @ vox.coords.double().T)
             want = torch.polar(torch.ones_like(angle), angle)
             assert (got.to(torch.complex128) - want).abs().max() < tol
+            out = torch.full_like(got, float("nan"))
+            assert vox.phases(t, 24, out=out) is out and torch.equal(out, got)

@@ -69,9 +69,10 @@ class PassGrid:
     def _all_phases(self) -> torch.Tensor:
         return self.phases_at(self.offsets_px)
 
-    def phases_at(self, offsets_px: torch.Tensor) -> torch.Tensor:
-        """``(T, V)`` complex ``exp(+2πi k·t/box_px)`` for any offsets ``(T, 3)`` px."""
-        return self.voxels.phases(offsets_px, self.box_px)
+    def phases_at(self, offsets_px: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``(T, V)`` complex ``exp(+2πi k·t/box_px)`` for any offsets ``(T, 3)`` px (into
+        ``out`` if given)."""
+        return self.voxels.phases(offsets_px, self.box_px, out=out)
 
 
 @dataclass(frozen=True)
@@ -278,9 +279,13 @@ def _fine_block(
     t_union = torch.unique(t_par[t_ok])
     t_fine = grid.offsets_px.reshape(-1, 8, 3)
     t_coarse = t_fine.mean(dim=1)  # the parents: children are t_c ± step/4 per axis
+    # (T_used, V): up to 36 MB at box 64, above the mmap threshold: kept in the workspace
+    (t_phases,) = workspace.take(
+        "offset phases", [(t_union.numel(), V)], [weighted.dtype], weighted.device
+    )
     rows_data = _ShiftedRows(
         weighted,
-        grid.phases_at(t_coarse[t_union]),  # (T_used, V)
+        grid.phases_at(t_coarse[t_union], out=t_phases),  # (T_used, V)
         grid.phases_at(t_fine[0] - t_coarse[0]),  # (8, V)
         torch.searchsorted(t_union, t_par.contiguous()).clamp_(max=t_union.numel() - 1),
     )

@@ -70,17 +70,24 @@ class VoxelSet:
             return out
         return torch.index_select(flat, -1, self.index, out=out)
 
-    def phases(self, offsets_px: torch.Tensor, box: int) -> torch.Tensor:
-        """``exp(+2πi k·t/box)`` for offsets ``(T, 3)`` px -> ``(T, V)`` complex: multiplying a
-        particle's transform by it moves the content by ``-t`` (back to the centre)."""
+    def phases(
+        self, offsets_px: torch.Tensor, box: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``exp(+2πi k·t/box)`` for offsets ``(T, 3)`` px -> ``(T, V)`` complex (into ``out``, a
+        contiguous complex ``(T, V)``, if given): multiplying a particle's transform by it moves
+        the content by ``-t`` (back to the centre)."""
         # one cos over (φ, φ - π/2) interleaved writes (cos φ, sin φ) as the complex table: 2x
         # faster than cos, sin and torch.complex (3x faster than torch.polar)
         t = offsets_px.to(self.coords) * (2.0 * torch.pi / box)
         t = torch.cat([t, torch.ones_like(t[:, :1])], 1)  # (T, 4): the last column takes -π/2
         k = torch.cat([self.coords.T, self.coords.new_zeros(1, len(self))]).repeat_interleave(2, 1)
         k[3, 1::2] = -0.5 * torch.pi
-        phase = (t @ k).cos_()  # (T, 2V): re, im interleaved
-        return torch.view_as_complex(phase.view(t.shape[0], -1, 2))
+        if out is None:
+            complex_dtype = self.coords.dtype.to_complex()
+            out = torch.empty((t.shape[0], len(self)), dtype=complex_dtype, device=t.device)
+        phase = torch.view_as_real(out).view(t.shape[0], -1)  # (T, 2V): re, im interleaved
+        torch.matmul(t, k, out=phase).cos_()
+        return out
 
 
 def shell_means(values: torch.Tensor, shell: torch.Tensor, n_shells: int) -> torch.Tensor:
