@@ -297,9 +297,8 @@ class ParticleSet:
         """Also keep each particle's data masked by a soft sphere of ``diameter_a`` (Å) with an
         ``edge_px`` edge (pixels of the cache box), outside set to the edge's mean (RELION's
         ``--zero_mask``), returned as :attr:`ParticleBatch.masked`; ``None``: no masked copy.
-        Masking once per read instead of at every mini-batch saves two FFTs a particle each
-        time it is searched (at box 64, 3.9 ms of a few tens per particle), for 8 bytes a voxel
-        more in the cache."""
+        Masking once per read instead of at every mini-batch saves two FFTs (3.9 ms at box 64)
+        each time a particle is searched, for 8 bytes a voxel more in the cache."""
         mask = None if diameter_a is None else (float(diameter_a), float(edge_px))
         if mask != self._zero_mask:
             self._zero_mask = mask
