@@ -18,6 +18,7 @@ import torch
 from denovo3d.fourier import centred_irfft, centred_rfft, rfft_coords
 from denovo3d.geometry.euler import matrix_to_euler
 from denovo3d.geometry.symmetry import PointGroup, point_group, rotate_map, symmetrise
+from denovo3d.symmetry_polish import applies, polish
 from denovo3d.symmetry_search import (
     AngleTables,
     FourierBand,
@@ -114,6 +115,7 @@ class Bands:
     fine: FourierBand
     centre_px: torch.Tensor
     tables: AngleTables
+    volume: torch.Tensor | None = None  # the map itself, for the last refinement of Cn and Dn
 
 
 def centre_of_mass(volume: torch.Tensor, blur_px: float | None = None) -> torch.Tensor:
@@ -149,6 +151,7 @@ def prepare_bands(volume: torch.Tensor, params: AlignParams) -> Bands:
         fine=prepare_band(v, centre, params.low, fine_high, True, radius),
         centre_px=centre,
         tables=AngleTables(coarse),
+        volume=v,
     )
 
 
@@ -285,7 +288,8 @@ def align_symmetry(
 
     Every distinct optimum of the coarse search is refined on the fine band under one shell
     model (a wrong setting can win at low resolution, e.g. one sharing some of the axes); the
-    best is refined again with the model re-estimated there."""
+    best is refined again with the model re-estimated there, and for Cn and Dn once more by the
+    cross-filtered real-space correlation (:func:`~denovo3d.symmetry_polish.polish`)."""
     params = params or AlignParams()
     g = point_group(group) if isinstance(group, str) else group
     bands = volume if isinstance(volume, Bands) else prepare_bands(volume, params)
@@ -306,8 +310,12 @@ def align_symmetry(
     model = shell_model(bands.fine, g, r[None], shift[None])
     band = keep_shells(bands.fine, model[0])
     r, shift, _ = refine(band, g, r, params.refine_iterations, model, shift)
-    ops = g.operators[1:]
     centre = bands.centre_px.double() + shift
+    if applies(g) and bands.volume is not None:
+        rho = 1 - model[1]  # the shells' agreement at the optimum
+        r, centre, _ = polish(bands.volume, g, r, centre, rho, params.mask_radius_px)
+        shift = centre - bands.centre_px.double()
+    ops = g.operators[1:]
     corr = pair_correlations(bands.fine, (r.T @ ops @ r).float(), shift.float(), *model)
     return SymmetryAlignment(g.name, r, centre, float(corr.mean()), corr.double())
 
