@@ -75,7 +75,12 @@ def _build() -> Callable[..., None]:
     from torch.utils.cpp_extension import load_inline
 
     source = _SOURCE.read_text()
-    tag = hashlib.sha256((torch.__version__ + "\0" + source).encode()).hexdigest()[:16]
+    # at::parallel_for is a template: compiled without OpenMP it runs its loop on one thread,
+    # whatever torch's own build uses (OpenMP on Linux wheels); the same libgomp is shared
+    openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
+    flags = ["-O3", *openmp]
+    key = "\0".join([torch.__version__, *flags, source])
+    tag = hashlib.sha256(key.encode()).hexdigest()[:16]
     _await_build_lock(f"denovo3d_native_{tag}")
     with warnings.catch_warnings():
         # the loader's own notes (compiler checks, deprecations) are no concern of the caller
@@ -83,7 +88,8 @@ def _build() -> Callable[..., None]:
         load_inline(
             name=f"denovo3d_native_{tag}",
             cpp_sources=source,
-            extra_cflags=["-O3"],
+            extra_cflags=flags,
+            extra_ldflags=openmp,
             is_python_module=False,
             no_implicit_headers=True,
             verbose=False,
