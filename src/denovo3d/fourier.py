@@ -21,6 +21,7 @@ __all__ = [
     "centred_rfft",
     "fourier_crop",
     "fourier_pad",
+    "gaussian_filter",
     "phase_shift",
     "rfft_coords",
     "rfft_radius",
@@ -95,6 +96,13 @@ def fourier_pad(ft: torch.Tensor, box: int) -> torch.Tensor:
     zz, yy = torch.meshgrid(idx, idx, indexing="ij")
     out[..., zz, yy, : small // 2 + 1] = ft
     return out
+
+
+def gaussian_filter(ft: torch.Tensor, box: int, sigma_px: float) -> torch.Tensor:
+    """``ft`` (centred rfft of a box-``box`` map) times the transform of a Gaussian of
+    ``sigma_px`` (real-space pixels): the map blurred, in Fourier space."""
+    k2 = (rfft_coords(box, ft.device).to(ft.real.dtype) ** 2).sum(-1) / box**2
+    return ft * torch.exp(-2 * torch.pi**2 * sigma_px**2 * k2)
 
 
 def phase_shift(ft: torch.Tensor, shifts_px: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from denovo3d.fourier import centred_irfft, centred_rfft, rfft_coords
+from denovo3d.fourier import centred_irfft, centred_rfft, gaussian_filter
 from denovo3d.geometry.euler import matrix_to_euler
 from denovo3d.geometry.symmetry import PointGroup, point_group, rotate_map, symmetrise
 from denovo3d.symmetry_polish import applies, polish
@@ -25,6 +25,7 @@ from denovo3d.symmetry_search import (
     cyclic_order,
     hemisphere_axes,
     keep_shells,
+    maximise_turn,
     normaliser,
     operator_pairs,
     orientation_error_deg,
@@ -115,7 +116,7 @@ class Bands:
     fine: FourierBand
     centre_px: torch.Tensor
     tables: AngleTables
-    volume: torch.Tensor | None = None  # the map itself, for the last refinement of Cn and Dn
+    volume: torch.Tensor  # the map itself, for the last refinement of Cn and Dn
 
 
 def centre_of_mass(volume: torch.Tensor, blur_px: float | None = None) -> torch.Tensor:
@@ -126,8 +127,7 @@ def centre_of_mass(volume: torch.Tensor, blur_px: float | None = None) -> torch.
     would pull a plain centre of mass towards the box centre, averages out below that level."""
     s = volume.shape[-1]
     sigma = s / 32 if blur_px is None else blur_px
-    k2 = (rfft_coords(s, volume.device).to(volume.dtype) ** 2).sum(-1) / s**2
-    smooth = centred_irfft(centred_rfft(volume) * torch.exp(-2 * math.pi**2 * sigma**2 * k2), s)
+    smooth = centred_irfft(gaussian_filter(centred_rfft(volume), s, sigma), s)
     base = smooth.median()
     w = (smooth - base - 0.1 * (smooth.max() - base)).clamp(min=0)
     r = torch.arange(s, dtype=volume.dtype, device=volume.device) - s // 2
@@ -176,15 +176,6 @@ def _distinct_best(rotations: torch.Tensor, scores: torch.Tensor, n: int, min_de
     return kept
 
 
-def _skew_exp(omega: torch.Tensor) -> torch.Tensor:
-    zero = omega.new_zeros(())
-    wx, wy, wz = omega.unbind()
-    k = torch.stack(
-        [torch.stack([zero, -wz, wy]), torch.stack([wz, zero, -wx]), torch.stack([-wy, wx, zero])]
-    )
-    return torch.linalg.matrix_exp(k)
-
-
 def shell_model(
     band: FourierBand,
     group: PointGroup,
@@ -231,34 +222,16 @@ def refine(
     ops = ops.to(torch.float64)
     f32 = band.coords.dtype
     mult = (mult / mult.sum()).to(f32)
-    omega = torch.zeros(3, dtype=torch.float64, requires_grad=True)
-    shift0 = torch.zeros(3, dtype=torch.float64) if start_shift is None else start_shift
-    shift = shift0.clone().double().requires_grad_(refine_shift)
-    r0 = start.to(torch.float64)
-    variables = [omega, shift] if refine_shift else [omega]
-    opt = torch.optim.LBFGS(variables, lr=1, max_iter=iterations, line_search_fn="strong_wolfe")
-
     residuals = noise is not None and band.power is not None
 
-    def score_at() -> torch.Tensor:
-        r = _skew_exp(omega) @ r0
+    def score(r: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         h = (r.T @ ops @ r).to(f32)
         if residuals:
             assert noise is not None
             return (pair_residuals(band, h, shift.to(f32), noise, weights) * mult).sum()
         return (pair_correlations(band, h, shift.to(f32), weights, noise) * mult).sum()
 
-    def loss_fn() -> torch.Tensor:
-        opt.zero_grad()
-        loss = -score_at() + 1e-4 * (shift**2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(loss_fn)
-    with torch.no_grad():
-        score = score_at()
-        r = _skew_exp(omega) @ r0
-    return r.detach(), shift.detach(), float(score)
+    return maximise_turn(score, start, iterations, start_shift, refine_shift)
 
 
 def _coarse_alignment(
@@ -311,7 +284,7 @@ def align_symmetry(
     band = keep_shells(bands.fine, model[0])
     r, shift, _ = refine(band, g, r, params.refine_iterations, model, shift)
     centre = bands.centre_px.double() + shift
-    if applies(g) and bands.volume is not None:
+    if applies(g):
         rho = 1 - model[1]  # the shells' agreement at the optimum
         r, centre, _ = polish(bands.volume, g, r, centre, rho, params.mask_radius_px)
         shift = centre - bands.centre_px.double()

@@ -34,9 +34,21 @@ from dataclasses import dataclass
 
 import torch
 
-from denovo3d.fourier import centred_irfft, centred_rfft, fourier_crop, rfft_coords
+from denovo3d.fourier import (
+    centred_irfft,
+    centred_rfft,
+    fourier_crop,
+    gaussian_filter,
+    rfft_coords,
+)
 from denovo3d.geometry.symmetry import PointGroup, default_pad
-from denovo3d.symmetry_search import full_grid, local_power, operator_pairs, spherical_mask
+from denovo3d.symmetry_search import (
+    full_grid,
+    local_power,
+    maximise_turn,
+    operator_pairs,
+    spherical_mask,
+)
 
 __all__ = ["PolishSettings", "applies", "polish", "shape_mask"]
 
@@ -164,12 +176,6 @@ def _solvent_noise(centred: torch.Tensor) -> float:
     return float(centred[radius > s // 2 - 4].var()) * s**3
 
 
-def _gaussian_filter(ft: torch.Tensor, s: int, sigma_px: float) -> torch.Tensor:
-    """``ft`` (centred rfft of a box-``s`` map) times the transform of a Gaussian, ``sigma_px``."""
-    k2 = (rfft_coords(s).to(ft.real.dtype) ** 2).sum(-1) / s**2
-    return ft * torch.exp(-2 * torch.pi**2 * sigma_px**2 * k2)
-
-
 def shape_mask(ft: torch.Tensor, s: int, b: int, settings: PolishSettings) -> torch.Tensor:
     """Soft mask ``(b, b, b)`` on the particle's own shape: where the map ``ft`` (centred rfft,
     box ``s``) low-passed is above a fraction of its maximum, dilated, at box ``b <= s``.
@@ -178,9 +184,9 @@ def shape_mask(ft: torch.Tensor, s: int, b: int, settings: PolishSettings) -> to
     sphere adds only noise. On the C2 recovery phantoms the sphere alone missed 1° in 4 of 100
     trials, with the shape 2-3 (it changes nothing at the true axes: there the filtered copies
     agree everywhere)."""
-    low = centred_irfft(_gaussian_filter(ft, s, settings.shape_lowpass_px), s)
+    low = centred_irfft(gaussian_filter(ft, s, settings.shape_lowpass_px), s)
     support = (low > settings.shape_threshold * low.max()).to(low.dtype)
-    dilated = _gaussian_filter(centred_rfft(support), s, settings.shape_dilate_px)
+    dilated = gaussian_filter(centred_rfft(support), s, settings.shape_dilate_px)
     small = centred_irfft(fourier_crop(dilated, b) if b < s else dilated, b) * (b / s) ** 3
     return (small / _SHAPE_SOFT).clamp(0.0, 1.0)
 
@@ -207,11 +213,11 @@ class _Copies:
         self.s, self.b = s, b
         self.values = fourier_crop(ft, b) if b < s else ft
         self.pad = default_pad(b)
-        self.grid = full_grid(centred_irfft(self.values, b), self.pad)
+        small = centred_irfft(self.values, b)
+        self.grid = full_grid(small, self.pad)
         self.k = rfft_coords(b).to(v.dtype)
         radius = self.k.norm(dim=-1)
         self.band = ((radius >= settings.low) & (radius <= high)).to(v.dtype)
-        small = centred_irfft(self.values, b)
         edge = _MASK_EDGE_PX * b / s
         mask_radius = None if mask_radius_px is None else mask_radius_px * b / s
         sphere = spherical_mask(b, small, edge_px=edge, radius_px=mask_radius)
@@ -239,15 +245,6 @@ class _Copies:
         return num / den.clamp(min=1e-30)
 
 
-def _skew_exp(omega: torch.Tensor) -> torch.Tensor:
-    zero = omega.new_zeros(())
-    wx, wy, wz = omega.unbind()
-    k = torch.stack(
-        [torch.stack([zero, -wz, wy]), torch.stack([wz, zero, -wx]), torch.stack([-wy, wx, zero])]
-    )
-    return torch.linalg.matrix_exp(k)
-
-
 def polish(
     volume: torch.Tensor,
     group: PointGroup,
@@ -268,22 +265,9 @@ def polish(
     ops, mult = operator_pairs(group)
     ops = ops.to(torch.float64)
     mult = (mult / mult.sum()).to(torch.float64)
-    omega = torch.zeros(3, dtype=torch.float64, requires_grad=True)
-    shift = torch.zeros(3, dtype=torch.float64, requires_grad=True)
-    r0 = rotation.to(torch.float64)
-    opt = torch.optim.LBFGS(
-        [omega, shift], lr=1, max_iter=settings.iterations, line_search_fn="strong_wolfe"
-    )
 
-    def loss_fn() -> torch.Tensor:
-        opt.zero_grad()
-        r = _skew_exp(omega) @ r0
-        loss = -(copies.score(r.T @ ops @ r, shift) * mult).sum() + 1e-4 * (shift**2).sum()
-        loss.backward()
-        return loss
+    def score(r: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        return (copies.score(r.T @ ops @ r, shift) * mult).sum()
 
-    opt.step(loss_fn)
-    with torch.no_grad():
-        r = _skew_exp(omega) @ r0
-        score = float((copies.score(r.T @ ops @ r, shift) * mult).sum())
-    return r, centre_px.to(torch.float64) + shift.detach(), score
+    r, shift, value = maximise_turn(score, rotation, settings.iterations)
+    return r, centre_px.to(torch.float64) + shift, value

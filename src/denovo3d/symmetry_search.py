@@ -11,6 +11,7 @@ cell of SO(3) per normaliser element (a hemisphere of axis directions for Cn).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -26,6 +27,7 @@ __all__ = [
     "full_grid",
     "keep_shells",
     "local_power",
+    "maximise_turn",
     "normaliser",
     "operator_directions",
     "operator_pairs",
@@ -565,3 +567,43 @@ def _quaternion_to_matrix(q: torch.Tensor) -> torch.Tensor:
         ],
         -2,
     )
+
+
+def _skew_exp(omega: torch.Tensor) -> torch.Tensor:
+    zero = omega.new_zeros(())
+    wx, wy, wz = omega.unbind()
+    k = torch.stack(
+        [torch.stack([zero, -wz, wy]), torch.stack([wz, zero, -wx]), torch.stack([-wy, wx, zero])]
+    )
+    return torch.linalg.matrix_exp(k)
+
+
+def maximise_turn(
+    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    start: torch.Tensor,
+    iterations: int,
+    start_shift: torch.Tensor | None = None,
+    refine_shift: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """L-BFGS on a rotation vector (left perturbation of ``start (3, 3)``) and a shift (input
+    pixels, from ``start_shift``; kept when not ``refine_shift``) maximising ``score(r, shift)``
+    (a scalar tensor, differentiable in both), with a weak prior ``1e-4·|shift|²``. Returns the
+    rotation, the shift and the score there. Float64 throughout; ``score`` casts as it needs."""
+    omega = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    shift0 = torch.zeros(3, dtype=torch.float64) if start_shift is None else start_shift
+    shift = shift0.clone().double().requires_grad_(refine_shift)
+    r0 = start.to(torch.float64)
+    variables = [omega, shift] if refine_shift else [omega]
+    opt = torch.optim.LBFGS(variables, lr=1, max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def loss_fn() -> torch.Tensor:
+        opt.zero_grad()
+        loss = -score(_skew_exp(omega) @ r0, shift) + 1e-4 * (shift**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(loss_fn)
+    with torch.no_grad():
+        r = _skew_exp(omega) @ r0
+        value = score(r, shift)
+    return r.detach(), shift.detach(), float(value)
