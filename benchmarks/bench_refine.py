@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -120,10 +121,19 @@ class FlopCounter:
     """Counts the useful FLOPs of the E-step's scores (coarse: every pose; fine: every child
     pose of the significant coarse samples) and its wall and CPU time, by wrapping its
     functions; the counting itself is left out of the times (the fine pass's count reduces the
-    whole (b, T, KO) mask: ~30 ms a mini-batch of 200 at box 64)."""
+    whole (b, T, KO) mask: ~30 ms a mini-batch of 200 at box 64).
 
-    def __init__(self, device: torch.device = CPU) -> None:
+    With ``gemm_every`` k, after every k-th E-step (outside its time) one matmul of the
+    E-step's shape is timed: ``gemm_rates`` then holds matmul's rate under the same load as
+    the run's E-steps (on a shared machine one measurement at the end can differ by 1.5x);
+    ``gemm_seconds`` is their wall time, to take out of the run's."""
+
+    def __init__(self, device: torch.device = CPU, gemm_every: int = 0) -> None:
         self.device = device
+        self.gemm_every = gemm_every
+        self.gemm_rates: list[float] = []
+        self.gemm_seconds = 0.0
+        self.calls = 0
         self.flops = 0.0
         self.seconds = 0.0
         self.cpu_seconds = 0.0
@@ -157,6 +167,11 @@ class FlopCounter:
             wall, cpu = counter._counting
             counter.cpu_seconds += _clock(counter.device) - clock - cpu  # CUDA: wall seconds
             counter.seconds += time.perf_counter() - start - wall
+            counter.calls += 1
+            if counter.gemm_every and counter.calls % counter.gemm_every == 0:
+                start = time.perf_counter()
+                counter.gemm_rates.append(gemm_rate(counter.device, repeat=1)["estep"])
+                counter.gemm_seconds += time.perf_counter() - start
             return result
 
         expectation.fine_search = fine_search
@@ -248,9 +263,15 @@ def job(args, project: dict, out: Path) -> None:
 
     particles = project["particles"]
     cfg = _config(args, particles, out)
+    device = refine.device_for(cfg)
     start = time.perf_counter()
-    state = refine.run(cfg)
-    wall = time.perf_counter() - start
+    # every E-step of the run, the final assignment too; matmul timed after every tenth
+    with FlopCounter(device, gemm_every=10) as counter:
+        state = refine.run(cfg)
+    wall = time.perf_counter() - start - counter.gemm_seconds
+    if not counter.gemm_rates:  # a run of fewer than ten E-steps
+        counter.gemm_rates.append(gemm_rate(device)["estep"])
+    rate = statistics.median(counter.gemm_rates)
     truth = torch.from_numpy(read_mrc(project["truth"])[0].copy())
     ps = load_particle_set(particles)
     table = read_star(project["truth_particles"])["particles"]
@@ -269,6 +290,15 @@ def job(args, project: dict, out: Path) -> None:
     print(
         f"job: {ps.n} particles, box {box}, {cfg.n_iter} iterations: {wall:.0f} s wall, "
         f"peak RSS {peak_rss_gib():.2f} GiB"
+    )
+    unit = "CPU s" if device.type == "cpu" else "s"
+    print(
+        f"  E-steps: {counter.flops / 1e9:.0f} GFLOP in {counter.seconds:.0f} s "
+        f"({counter.cpu_seconds:.0f} {unit}): {counter.flops / counter.cpu_seconds / 1e9:.1f} "
+        f"GFLOP/{unit}, {100 * counter.flops / counter.cpu_seconds / rate:.0f}% of matmul "
+        f"(the median of {len(counter.gemm_rates)} timings during the run, "
+        f"{min(counter.gemm_rates) / 1e9:.1f}-{max(counter.gemm_rates) / 1e9:.1f}: "
+        f"{rate / 1e9:.1f} GFLOP/{unit})"
     )
     for name, f in (("true poses", f_true), ("de novo", f_ours)):
         print(
