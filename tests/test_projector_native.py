@@ -287,7 +287,7 @@ def _fine_reference(proj, w, hc, pp, cp, t_pos, n_t, rows, par, n_par, slots, sc
 def test_fine_scores_kernel_equals_the_formula(dtype, n_voxels: int) -> None:
     """``fine_scores`` (AVX2 and baseline builds) against :func:`_fine_reference`: 1 to 4
     offsets and 1 to 3 parents per particle, padded slots left alone, voxel counts that leave a
-    tail past the vector loop and span several blocks."""
+    tail past the vector loop and span several blocks; 1, 2 and 3 threads give the same bits."""
     kernel = torch.ops.denovo3d.fine_scores if native.load() is not None else None
     if kernel is None or not native.enabled():
         pytest.skip("no native kernel")
@@ -322,3 +322,12 @@ def test_fine_scores_kernel_equals_the_formula(dtype, n_voxels: int) -> None:
         assert torch.equal(torch.isfinite(got), torch.isfinite(expected))  # pads untouched
         fin = torch.isfinite(expected)
         torch.testing.assert_close(got[fin].double(), expected[fin], **tol)
+        threads = torch.get_num_threads()
+        try:  # particles are handed out by work, largest first: who scores one changes nothing
+            for n in (1, 3):
+                torch.set_num_threads(n)
+                again = torch.full_like(got, float("-inf"))
+                kernel(*args, n_par, slots, again, simd)
+                assert torch.equal(again, got)
+        finally:
+            torch.set_num_threads(threads)

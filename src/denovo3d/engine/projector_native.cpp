@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -823,12 +824,25 @@ void fine_scores_impl(const Fine<T>& p, int64_t g, bool simd) {
       }
     });
   }
-  at::parallel_for(0, g, 1, [&](int64_t i0, int64_t i1) {
+  // Particles by their work (offsets x parents), largest first, handed out one at a time:
+  // the chunk's particles come sorted smallest first, and contiguous ranges, one a thread, left
+  // one thread with most of the work (mini-batches of 200 at box 64, 2 threads: the kernel's
+  // wall time 0.53 -> 0.31 s, fine_search's 0.33-0.36 -> 0.27-0.37 s, medians of 5 in 3 paired
+  // runs, the same CPU time). Each particle's sums do not depend on who computes them.
+  std::vector<int64_t> order(g);
+  for (int64_t i = 0; i < g; ++i) order[i] = i;
+  auto work = [&](int64_t i) { return p.n_t[p.rows[i]] * p.n_par[i]; };
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return work(a) > work(b); });
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     FineBuffers<T> buf;
     buf.z.resize(2 * kFineBlock);
     buf.h2.resize(2 * kFineBlock);
     buf.y.resize(8 * std::max<int64_t>(p.n_tc, 2) * 2 * kFineBlock);
-    for (int64_t i = i0; i < i1; ++i) fine_particle<T>(p, cpt.data(), i, avx2, buf);
+    for (int64_t k = next++; k < g; k = next++) {
+      fine_particle<T>(p, cpt.data(), order[k], avx2, buf);
+    }
   });
 }
 
