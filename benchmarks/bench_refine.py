@@ -225,7 +225,10 @@ def estep(args, particles: Path, out: Path, batch: int, box: int, order: int) ->
     state = refine.initialise(cfg, ps, device)
     state.current_size = min(box, ps.box)
     schedule = VdamSchedule.build(cfg, ps.n)
-    ps.load(range(ps.n), state.current_size)  # read and cache outside the timing
+    # read and cache outside the timing, with the masked copy the job keeps (set first: a
+    # change of the zero mask empties the cache, and every iteration would read its files)
+    refine._use_zero_mask(ps, cfg)
+    ps.load(range(ps.n), state.current_size, threads=cfg.threads)
     best, workspace = None, memory.Workspace()  # kept from iteration to iteration, as in run
     for _ in range(args.repeat):
         state.current_size = min(box, ps.box)
