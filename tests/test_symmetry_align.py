@@ -289,11 +289,14 @@ def test_detection_verdict_rules() -> None:
     # a ring of C7 subunits: D7's flips agree (0.58 > 0.45, significant) but far less than C7's
     # turns (0.88): C7, with D7 as the runner-up
     ring = decide([ev("C7", 0.88, 17.7), ev("D7", 0.58, 22.0), ev("C2", 0.3, 2.0)], -0.1, 0.2)
-    assert (ring.verdict, ring.runner_up) == ("C7", "D7")
+    assert (ring.verdict, ring.runner_up, ring.also_holds) == ("C7", "D7", None)
     # a true D7: its flips agree as well as its turns: the larger group; the runner-up is not
     # one of its own subgroups
     true = decide([ev("C7", 0.88, 17.7), ev("D7", 0.84, 22.0), ev("C2", 0.9, 5.0)], -0.1, 0.2)
     assert true.verdict == "D7" and true.runner_up is None
+    # ... and its half C7 holds too: said, since a ring of C7 subunits can match the flips
+    assert true.also_holds == "C7" and "note: C7 holds too" in true.table()
+    assert "note:" not in ring.table()
     # the best chance 2-fold of an asymmetric map: agrees, but not significantly
     chance = decide([ev("C2", 0.74, 4.9), ev("C3", 0.2, 1.5)], -0.1, 0.2)
     assert (chance.verdict, chance.runner_up) == ("C1", "C2")

@@ -92,6 +92,7 @@ def test_auto_on_an_asymmetric_map_says_c1_names_runner_up_and_keeps_the_map(
     assert general["rlnSymmetryGroup"] == "C1" and general["denovoDetectedGroup"] == "C1"
     assert general["denovoSymmetryRequested"] == "auto"
     assert general["denovoSymmetryRunnerUp"] in blocks["symmetry_detection"]["denovoGroup"].values
+    assert general["denovoSymmetryAlsoHolds"] == "none"  # only a verdict Dn names its Cn
     assert "symmetry_operators" not in blocks
     page = _symmetry_html(find_job(tmp_path))
     assert "denovoGroupSignificance" in page and "denovoSymmetryRunnerUp" in page

@@ -9,9 +9,10 @@ Blocks (read by ``denovo3d report``, which shows them as the symmetry scores tab
   written is ``V(Rᵀx + c)`` with ``R`` the matrix of these angles), the shift ``c`` of the
   symmetry centre from the box centre ``rlnOriginX/Y/ZAngst`` (Å), the mean correlation with the
   symmetry copies ``denovoSymmetryScore``; after detection also ``denovoDetectedGroup``,
-  ``denovoSymmetryRunnerUp``, ``denovoSymmetryEvidence`` (the verdict's significance) and the
-  excess agreement of randomly turned copies ``denovoRandomTurnExcess`` (median) and
-  ``denovoRandomTurnExcessSd``.
+  ``denovoSymmetryRunnerUp``, ``denovoSymmetryAlsoHolds`` (for a verdict Dn, Cn when it holds
+  too: a ring of Cn subunits can look Dn at low resolution), ``denovoSymmetryEvidence`` (the
+  verdict's significance) and the excess agreement of randomly turned copies
+  ``denovoRandomTurnExcess`` (median) and ``denovoRandomTurnExcessSd``.
 - ``symmetry_operators``: per non-identity operator of the group (standard orientation), its
   turn angle, direction and the map's correlation with its copy under it.
 - ``symmetry_detection``: per candidate group, order, score and significance (when detection ran).
@@ -64,6 +65,7 @@ def write_symmetry_star(
             {
                 "denovoDetectedGroup": detection.verdict,
                 "denovoSymmetryRunnerUp": detection.runner_up or "none",
+                "denovoSymmetryAlsoHolds": detection.also_holds or "none",
                 "denovoSymmetryEvidence": detection.evidence,
                 "denovoRandomTurnExcess": detection.null,
                 "denovoRandomTurnExcessSd": detection.null_sd,
