@@ -30,8 +30,9 @@ def _run(tmp_path: Path, volume: torch.Tensor, sym: str) -> SimpleNamespace:
     )
     state = SimpleNamespace(refs=volume[None].float(), pdf_class=torch.ones(1))
     ps = SimpleNamespace(pixel_size_a=APIX, box=volume.shape[-1])
-    path = write_initial_model(cfg, state, ps)
-    return SimpleNamespace(path=path, star=tmp_path / "initial_model_symmetry.star")
+    lines: list[str] = []
+    path = write_initial_model(cfg, state, ps, lines.append)
+    return SimpleNamespace(path=path, star=tmp_path / "initial_model_symmetry.star", log=lines)
 
 
 def _corr(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -76,6 +77,10 @@ def test_symmetry_step_writes_aligned_map_and_record_the_report_shows(tmp_path: 
     page = _symmetry_html(find_job(tmp_path))
     assert "initial_model_symmetry.star" in page and "denovoOperatorCorrelation" in page
     assert "<td>C4</td>" in page and "unreadable" not in page
+    # the job's log says what was found, in the numbers of the STAR file
+    (line,) = out.log
+    assert line.startswith("symmetry: C4 axes at rot ") and "mean correlation" in line
+    assert f"tilt {float(general['rlnAngleTilt']):.2f}" in line
 
 
 def test_auto_on_an_asymmetric_map_says_c1_names_runner_up_and_keeps_the_map(
@@ -93,6 +98,11 @@ def test_auto_on_an_asymmetric_map_says_c1_names_runner_up_and_keeps_the_map(
     assert general["denovoSymmetryRequested"] == "auto"
     assert general["denovoSymmetryRunnerUp"] in blocks["symmetry_detection"]["denovoGroup"].values
     assert general["denovoSymmetryAlsoHolds"] == "none"  # only a verdict Dn names its Cn
+    runner = general["denovoSymmetryRunnerUp"]
+    assert out.log == [
+        f"symmetry: no clear group (the most significant: {runner}, evidence "
+        f"{general['denovoSymmetryEvidence']:.1f}): the map is kept as it is"
+    ]
     assert "symmetry_operators" not in blocks
     page = _symmetry_html(find_job(tmp_path))
     assert "denovoGroupSignificance" in page and "denovoSymmetryRunnerUp" in page

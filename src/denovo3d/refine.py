@@ -523,7 +523,7 @@ def run(
         if stop_after is not None and state.iteration >= stop_after:
             return state
     if ranks.is_writer:
-        path = write_initial_model(cfg, state, ps)
+        path = write_initial_model(cfg, state, ps, log)
         optimisation_set = write_optimisation_set(cfg, state, ps, path)
         log(f"denovo3d refine: wrote {path} and {optimisation_set}")
     return state

@@ -309,6 +309,32 @@ class SymmetryResult:
     alignment: SymmetryAlignment
     detection: Detection | None
 
+    def summary(self) -> list[str]:
+        """Lines for the job's log: the verdict (with ``auto``), its caveat, the axes found."""
+        lines = []
+        d, a = self.detection, self.alignment
+        if d is not None:
+            runner = d.runner_up or "none"
+            if d.verdict == "C1":
+                lines.append(
+                    f"symmetry: no clear group (the most significant: {runner}, evidence "
+                    f"{d.evidence:.1f}): the map is kept as it is"
+                )
+            else:
+                evidence = f"evidence {d.evidence:.1f}, runner-up {runner}"
+                lines.append(f"symmetry: detected {d.verdict} ({evidence})")
+            if d.note():
+                lines.append(f"symmetry: note: {d.note()}")
+        if a.group != "C1":
+            rot, tilt, psi = a.euler_deg
+            cx, cy, cz = a.centre_px.tolist()
+            lines.append(
+                f"symmetry: {a.group} axes at rot {rot:.2f}, tilt {tilt:.2f}, psi {psi:.2f} deg, "
+                f"centre ({cx:.2f}, {cy:.2f}, {cz:.2f}) px from the box centre; mean correlation "
+                f"with the symmetry copies {a.score:.3f}"
+            )
+        return lines
+
 
 def align_requested(
     volume: torch.Tensor, sym: str, params: AlignParams | None = None
@@ -377,14 +403,20 @@ class Detection:
         )
         other = f" (runner-up {self.runner_up})" if self.runner_up else ""
         lines.append(f"verdict: {self.verdict}{other}")
-        if self.also_holds:
-            half, group = self.also_holds, self.verdict
-            lines.append(
-                f"note: {half} holds too; {group} adds only the 2-fold flips, which a ring of "
-                f"{half} subunits can match at this resolution: compare the map symmetrised in "
-                f"{half} with the one in {group} where the map has finer detail"
-            )
+        if self.note():
+            lines.append(f"note: {self.note()}")
         return "\n".join(lines)
+
+    def note(self) -> str | None:
+        """The caveat of a verdict Dn whose half Cn holds too (``None`` otherwise)."""
+        if not self.also_holds:
+            return None
+        half, group = self.also_holds, self.verdict
+        return (
+            f"{half} holds too; {group} adds only the 2-fold flips, which a ring of {half} "
+            f"subunits can match at this resolution: compare the map symmetrised in {half} "
+            f"with the one in {group} where the map has finer detail"
+        )
 
 
 # set on the recovery phantoms (trials 0-3 of every group) and asymmetric ones (0-9), checked on

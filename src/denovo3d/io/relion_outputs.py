@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -240,13 +241,13 @@ def write_iteration(cfg, state, ps, schedule) -> str:
     return root
 
 
-def write_initial_model(cfg, state, ps) -> Path:
+def write_initial_model(cfg, state, ps, log: Callable[[str], None] | None = None) -> Path:
     """``initial_model.mrc`` beside the run: the largest class, as RELION's job ends
     (``relion_align_symmetry --select_largest_class --apply_sym``): unless ``cfg.symmetry`` is C1,
     turned onto the group's standard axes, centred on them and symmetrised (scored within the
     particle's diameter); ``auto`` detects the group first (C1 when unclear: the map is then
     written as it is). The symmetry step's result goes to ``initial_model_symmetry.star``
-    (:mod:`denovo3d.io.symmetry_star`)."""
+    (:mod:`denovo3d.io.symmetry_star`) and, in a few lines, to ``log`` when given."""
     k = int(state.pdf_class.argmax())
     volume = state.refs[k].detach().cpu().float()
     path = Path(cfg.output_root).parent / "initial_model.mrc"
@@ -254,6 +255,8 @@ def write_initial_model(cfg, state, ps) -> Path:
         diameter_px = cfg.particle_diameter_a / ps.pixel_size_a * volume.shape[-1] / ps.box
         params = AlignParams(seed=cfg.random_seed, mask_diameter_px=diameter_px)
         result = align_requested(volume, cfg.symmetry, params)
+        for line in result.summary() if log is not None else []:
+            log(line)
         if result.alignment.group != "C1":
             volume = apply_alignment(volume.double(), result.alignment).float()
         write_symmetry_star(
