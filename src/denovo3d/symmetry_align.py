@@ -429,13 +429,16 @@ DETECT_MIN_RATIO = 0.8
 def detection_band(
     volume: torch.Tensor, centre_px: torch.Tensor, params: AlignParams
 ) -> FourierBand:
-    """The band detection scores: frequencies 3 to ``3·box/16`` cycles of the working box (finer
-    than the global search's: at low resolution any compact blob looks like a cylinder) of the
-    map less its spherical average about ``centre_px``, within the particle's sphere."""
+    """The band detection scores: frequencies 3 to ``3·box_size/16`` (12) cycles per box, at
+    most ``s/2 - 2`` (finer than the global search's: at low resolution any compact blob looks
+    like a cylinder) of the map less its spherical average about ``centre_px``, within the
+    particle's sphere. Cycles per box follow the particle: a map binned by 2 keeps the same
+    band (it was ``3·s/16`` below box 64, 3-6 cycles at box 32, where the demo's own C6 map
+    fell to the significance threshold)."""
     s = volume.shape[-1]
-    work = min(params.box_size, s - s % 2)
+    high = min(3 * params.box_size / 16, s // 2 - 2)
     v = remove_spherical_average(volume.to(torch.float32), centre_px.to(torch.float32))
-    return prepare_band(v, centre_px, 3.0, 3 * work / 16, mask_radius_px=params.mask_radius_px)
+    return prepare_band(v, centre_px, 3.0, high, mask_radius_px=params.mask_radius_px)
 
 
 def detect_symmetry(

@@ -1,7 +1,7 @@
 """Detect the point group of a map: rank Cn, Dn (n = 2..12), T, O, I by symmetry agreement.
 
 Each candidate group is aligned to the map (seeded global search, local refinement) and scored
-on frequencies of 3 to 3·box/16 cycles of the working box, the spherical average removed:
+on frequencies of 3 to 12 cycles per box (at most s/2 - 2), the spherical average removed:
 per element, how much more its copy agrees than turns by other angles about the same axis do
 (the excess), the group's score being the 20th percentile over its elements, and its
 significance that score in standard deviations of randomly turned copies' excess, times the
