@@ -306,3 +306,19 @@ def test_detection_verdict_rules() -> None:
     # O holds over T (its index-2 subgroup) though its wedge-crossed elements agree least
     octa = decide([ev("O", 0.51, 14.7), ev("T", 0.50, 9.6), ev("C2", 0.80, 5.4)], -0.1, 0.17)
     assert octa.verdict == "O"
+
+
+def test_detection_band_follows_the_particle_when_binned() -> None:
+    """The recovery phantom C2 trial 2 binned to box 32 (Fourier crop) is still detected: the
+    band is 12 cycles per box at either size (it was 3·s/16 below box 64, 3-6 cycles at box 32,
+    where this map's C2 reached a significance of only 6.1, under the threshold: C1)."""
+    from denovo3d.fourier import centred_irfft, centred_rfft, fourier_crop
+    from tests.symmetry_phantoms import PARTICLE_DIAMETER_PX, recovery_trial
+
+    v64, _ = recovery_trial("C2", 2)
+    v32 = centred_irfft(fourier_crop(centred_rfft(v64.double()), 32), 32).float()
+    params = AlignParams(seed=2, mask_diameter_px=PARTICLE_DIAMETER_PX / 2)
+    band = symmetry_align.detection_band(v32, torch.zeros(3), params)
+    assert float(band.coords.norm(dim=-1).max()) == pytest.approx(12.0, abs=0.5)
+    found = detect_symmetry(v32, candidates=("C2", "C3", "D2"), params=params)
+    assert found.verdict == "C2", found.table()
