@@ -82,7 +82,9 @@ def _summary(name: str, errs: list[float], secs: list[float], cpu: list[float]) 
     )
 
 
-def detection(names: list[str], trials: range, diameter: float | None) -> None:
+def detection(
+    names: list[str], trials: range, diameter: float | None, candidates: tuple[str, ...] | None
+) -> None:
     """Detection on every group's phantoms: the verdict, its significance, the runner-up."""
     right: dict[str, list[bool]] = {n: [] for n in names}
     for trial in trials:
@@ -90,15 +92,19 @@ def detection(names: list[str], trials: range, diameter: float | None) -> None:
             volume, _ = recovery_trial(name, trial)
             cpu = time.process_time()
             found = detect_symmetry(
-                volume, params=AlignParams(seed=trial, mask_diameter_px=diameter)
+                volume, candidates, params=AlignParams(seed=trial, mask_diameter_px=diameter)
             )
             cpu = time.process_time() - cpu
             right[name].append(found.verdict == name)
             best = sorted(found.rows, key=lambda r: -r.significance)[:4]
             table = " ".join(f"{r.group}:{r.score:.2f}/{r.significance:.1f}" for r in best)
+            flips = " ".join(
+                f"{r.group}:{r.flip_ratio:.2f}" for r in found.rows if r.flip_ratio is not None
+            )
             print(
                 f"{name} trial {trial}: verdict {found.verdict} (runner-up {found.runner_up}, "
-                f"evidence {found.evidence:.1f}) {cpu:.0f} s CPU | score/significance {table}",
+                f"evidence {found.evidence:.1f}) {cpu:.0f} s CPU | score/significance {table}"
+                f" | flip ratios {flips or '-'}",
                 flush=True,
             )
     for name in names:
@@ -117,6 +123,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--detect", action="store_true", help="detection instead of alignment")
     parser.add_argument(
+        "--candidates", default=None, help="detection's candidate groups (default: all 25)"
+    )
+    parser.add_argument(
         "--particle_diameter_px", type=float, default=PARTICLE_DIAMETER_PX, help="0: whole box"
     )
     args = parser.parse_args()
@@ -124,7 +133,8 @@ def main() -> None:
     diameter = args.particle_diameter_px if args.particle_diameter_px > 0 else None
     names = args.groups.split(",")
     if args.detect:
-        detection(names, range(args.first, args.first + args.trials), diameter)
+        candidates = tuple(args.candidates.split(",")) if args.candidates else None
+        detection(names, range(args.first, args.first + args.trials), diameter, candidates)
         return
     use_relion = args.relion and shutil.which("relion_align_symmetry") is not None
     ours: dict[str, tuple[list[float], list[float], list[float]]] = {n: ([], [], []) for n in names}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -162,6 +163,8 @@ def test_cli_detect_symmetry(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyP
     assert blocks["symmetry_general"]["rlnSymmetryGroup"] == "C3"
     assert blocks["symmetry_general"]["denovoSymmetryRequested"] == "auto"
     assert list(blocks["symmetry_detection"]["denovoGroup"]) == ["C3", "C2"]
+    # the flip test is run for Dn only: none here (-1)
+    assert (blocks["symmetry_detection"]["denovoGroupFlipRatio"] == -1).all()
 
 
 def test_subgroups_are_subgroups() -> None:
@@ -306,6 +309,15 @@ def test_detection_verdict_rules() -> None:
     # O holds over T (its index-2 subgroup) though its wedge-crossed elements agree least
     octa = decide([ev("O", 0.51, 14.7), ev("T", 0.50, 9.6), ev("C2", 0.80, 5.4)], -0.1, 0.17)
     assert octa.verdict == "O"
+    # a ring whose D7 scores as well as its C7, but whose flips disagree 2.5 times as much as
+    # its turns about the C7 axis: C7; the same scores with flips as good as turns: D7
+    d7 = ev("D7", 0.84, 22.0)
+    rows = [ev("C7", 0.88, 17.7), d7, ev("C2", 0.3, 2.0)]
+    flips = dataclasses.replace(d7, flip_ratio=2.5)
+    assert decide([rows[0], flips, rows[2]], -0.1, 0.2).verdict == "C7"
+    good = dataclasses.replace(d7, flip_ratio=1.1)
+    found = decide([rows[0], good, rows[2]], -0.1, 0.2)
+    assert found.verdict == "D7" and "1.10" in found.table()
 
 
 def test_detection_band_follows_the_particle_when_binned() -> None:
@@ -322,3 +334,41 @@ def test_detection_band_follows_the_particle_when_binned() -> None:
     assert float(band.coords.norm(dim=-1).max()) == pytest.approx(12.0, abs=0.5)
     found = detect_symmetry(v32, candidates=("C2", "C3", "D2"), params=params)
     assert found.verdict == "C2", found.table()
+
+
+@pytest.mark.parametrize(("group", "is_dihedral"), [("C7", False), ("D7", True)])
+def test_flips_tell_a_ring_of_cn_subunits_from_dn(group: str, is_dihedral: bool) -> None:
+    """About the true C7 axis, the flips of D7 disagree with a ring of C7 subunits (recovery
+    trial 4, which the detection called D7 before the flip test: its D7 scored 0.90 times its
+    C7) more than twice as much as its turns (2.30 here, 2.52 about the axis the detection
+    finds), and with the true D7 of the same trial about as much (1.02)."""
+    from denovo3d.symmetry_flips import dihedral_flips
+    from tests.symmetry_phantoms import PARTICLE_DIAMETER_PX, degrade, recovery_clean
+
+    clean, truth, shift = recovery_clean(group, 4)
+    volume = degrade(clean, seed=4).float()
+    params = AlignParams(mask_diameter_px=PARTICLE_DIAMETER_PX)
+    band = symmetry_align.detection_band(volume, shift.float(), params)
+    # the Cn alignment the true one (the rotation onto the standard axes is truthᵀ)
+    flips = dihedral_flips(band, truth.T.double(), torch.zeros(3), 7)
+    assert flips.turn_rho > 0.85
+    if is_dihedral:
+        assert flips.ratio < 1.5 and flips.flip_rho > 0.85
+        # the flips of D7 in the standard orientation lie along x: at 0 degrees (mod 180/7)
+        off = min(flips.flip_angle_deg, 180 / 7 - flips.flip_angle_deg)
+        assert off < 2.0 and abs(flips.height_px) <= 0.25
+    else:
+        assert flips.ratio > 2.0
+
+
+def test_detection_calls_a_ring_of_c7_subunits_c7() -> None:
+    """Recovery trial 4's C7 ring, called D7 before the flip test (the flips about axes across
+    the ring agree with it at the detection band almost as well as its turns)."""
+    from tests.symmetry_phantoms import PARTICLE_DIAMETER_PX, recovery_trial
+
+    volume, _ = recovery_trial("C7", 4)
+    params = AlignParams(seed=4, mask_diameter_px=PARTICLE_DIAMETER_PX)
+    found = detect_symmetry(volume, ("C7", "D7"), params)
+    assert found.verdict == "C7" and found.runner_up == "D7", found.table()
+    d7 = next(r for r in found.rows if r.group == "D7")
+    assert d7.flip_ratio is not None and d7.flip_ratio > 2.0

@@ -15,7 +15,8 @@ Blocks (read by ``denovo3d report``, which shows them as the symmetry scores tab
   ``denovoRandomTurnExcess`` (median) and ``denovoRandomTurnExcessSd``.
 - ``symmetry_operators``: per non-identity operator of the group (standard orientation), its
   turn angle, direction and the map's correlation with its copy under it.
-- ``symmetry_detection``: per candidate group, order, score and significance (when detection ran).
+- ``symmetry_detection``: per candidate group, order, score and significance (when detection ran),
+  and for Dn whose Cn holds the flip test's ratio ``denovoGroupFlipRatio`` (-1 where not run).
 """
 
 from __future__ import annotations
@@ -96,6 +97,10 @@ def write_symmetry_star(
                 "denovoGroupOrder": [r.order for r in detection.rows],
                 "denovoGroupScore": [r.score for r in detection.rows],
                 "denovoGroupSignificance": [r.significance for r in detection.rows],
+                # -1 where the flip test was not run (not Dn, or its Cn does not hold)
+                "denovoGroupFlipRatio": [
+                    -1.0 if r.flip_ratio is None else r.flip_ratio for r in detection.rows
+                ],
             }
         )
     return write_star(path, blocks)
