@@ -88,7 +88,10 @@ def test_auto_on_an_asymmetric_map_says_c1_names_runner_up_and_keeps_the_map(
 ) -> None:
     # a few candidates keep this fast; calibration over all of them: test_symmetry_recovery.py
     monkeypatch.setattr(symmetry_align, "CANDIDATES", ("C2", "C3", "C4"))
-    volume = phantom("C1", 32, seed=4, max_radius_px=11.0)
+    # seed 5: of seeds 0-9 of this small subunit, seed 4 alone has a near 2-fold at the band
+    # that boxes under 64 have kept since 2026-12-01 (3-12 cycles; C2 0.49 at significance 10.2,
+    # the others at most 0.33 and 4.3), and this test is about the C1 path, not calibration
+    volume = phantom("C1", 32, seed=5, max_radius_px=11.0)
     out = _run(tmp_path, volume, "auto")
     aligned, _ = read_mrc(out.path)
     assert torch.equal(torch.from_numpy(aligned.copy()), volume.float())
