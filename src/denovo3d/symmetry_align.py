@@ -430,8 +430,9 @@ class Detection:
 DETECT_ACCEPT = 0.45
 DETECT_MIN_SIGNIFICANCE = 7.8
 DETECT_MIN_RATIO = 0.8
-# set on C6, C7, D2 and D7 trials 0-19 (true D at most 1.75, rings at least 2.1), checked on
-# trials 20-39: docs/architecture.md, "Symmetry detection"
+# set on C6, C7, D2 and D7 trials 0-19 (true D at most 1.75; rings whose Cn holds at least
+# 2.1), checked on trials 20-39 (true D at most 1.56; rings but trial 33's, 1.50 and 1.70, at
+# least 2.8): docs/architecture.md, "Symmetry detection"
 DETECT_MAX_FLIP_RATIO = 2.0
 
 

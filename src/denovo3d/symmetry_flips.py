@@ -13,7 +13,8 @@ axis the Cn alignment found (the Dn alignment would tilt it to favour the flips)
 cross-filtered correlation, :func:`~denovo3d.symmetry_search.pair_correlations`). Where both are
 true symmetries, the copies differ by noise alone and the ratio is about 1; where the flips only
 match the ring, their disagreement adds the subunits' own. On trials 0-19 of the recovery
-phantoms: true D2 and D7 1.0-1.75 (median 1.1), C6 and C7 rings 2.1-36 (median 7).
+phantoms: true D2 and D7 0.92-1.75 (median 1.1), C6 and C7 rings whose Cn holds 2.1-36 (median
+7); held out, trials 20-39: true D 0.93-1.56, rings 2.8-15 but for trial 33 (1.50, 1.70).
 
 The flips' axes lie in the plane normal to the Cn axis; their angle about it and the plane's
 height along the axis (the centre of mass, where the alignment starts, moves along the axis
