@@ -12,8 +12,9 @@ within the phantoms' particle diameter (40 px, as the de novo job passes its --p
     .venv/bin/python benchmarks/bench_symmetry.py --trials 5 --relion   # side by side
     .venv/bin/python benchmarks/bench_symmetry.py --detect --trials 5 --groups C1,C2,O,I
 
-``--detect`` runs the group detection (all candidates Cn, Dn n <= 12, T, O, I) on the same
-phantoms instead (C1: the asymmetric subunit alone) and counts the right verdicts.
+``--detect`` runs the group detection (all candidates Cn, Dn n <= 12, T, O, I; ``--candidates
+C6,D6`` for a few) on the same phantoms instead (C1: the asymmetric subunit alone) and counts
+the right verdicts; each line also gives the flip ratios of the Dn tested (``symmetry_flips``).
 
 Trials run round robin over the groups (an interrupted run has every group's first trials); times
 are wall-clock and CPU seconds (CPU is the fair comparison on a shared machine). RELION's
