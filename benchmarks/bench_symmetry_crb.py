@@ -77,9 +77,8 @@ def fisher(name: str, trial: int, noise_sd_rel: float = 0.25) -> torch.Tensor:
     return (f @ f.T) / sigma**2
 
 
-def miss_chance(info: torch.Tensor, generator: torch.Generator, limit_deg: float = 1.0) -> float:
-    """P(|ω| > limit) for ω ~ N(0, I⁻¹)."""
-    cov = torch.linalg.inv(info)
+def miss_chance(cov: torch.Tensor, generator: torch.Generator, limit_deg: float = 1.0) -> float:
+    """P(|ω| > limit) for ω ~ N(0, cov), ``cov`` the bound I⁻¹."""
     evals, evecs = torch.linalg.eigh(cov)
     samples = torch.randn(200_000, cov.shape[0], generator=generator, dtype=cov.dtype)
     omega = (samples * evals.clamp(min=0).sqrt()) @ evecs.T
@@ -98,9 +97,9 @@ def main() -> None:
     for name in args.groups.split(","):
         expected, worst = 0.0, (0.0, -1)
         for trial in range(args.first, args.first + args.trials):
-            info = fisher(name, trial)
-            sd = torch.rad2deg(torch.linalg.eigvalsh(torch.linalg.inv(info)).sqrt())
-            p = miss_chance(info, gen)
+            cov = torch.linalg.inv(fisher(name, trial))
+            sd = torch.rad2deg(torch.linalg.eigvalsh(cov).sqrt())
+            p = miss_chance(cov, gen)
             expected += p
             worst = max(worst, (float(sd.max()), trial))
             print(

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from denovo3d.geometry.symmetry import axis_rotation
+from denovo3d.geometry.symmetry import axis_rotation, point_group
 from denovo3d.symmetry_search import FourierBand, pair_correlations
 
 __all__ = ["FlipTest", "dihedral_flips"]
@@ -71,8 +71,7 @@ def dihedral_flips(
     r = rotation.to(torch.float64)
     dtype = band.coords.dtype
     z = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
-    k = torch.arange(1, n, dtype=torch.float64)
-    turns = axis_rotation(z.expand(n - 1, 3), k * (2 * math.pi / n))
+    turns = point_group(f"C{n}").operators[1:].to(torch.float64)  # about z, standard axes
     shift = shift_px.to(dtype)
     turn_rho = float(pair_correlations(band, (r.T @ turns @ r).to(dtype), shift).mean())
     # one flip of every set of n: angles in [0, π/n); the set is the angle plus multiples of π/n
