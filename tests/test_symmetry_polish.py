@@ -14,8 +14,9 @@ from tests.symmetry_phantoms import degrade, recovery_clean
 
 
 def _shells_agreeing(n_agree: int, n_shells: int = 33) -> torch.Tensor:
-    """A shell model's agreement ``ρ``: good to shell ``n_agree``, poor beyond."""
-    return torch.where(torch.arange(n_shells) <= n_agree, 0.9, 0.1).double()
+    """A shell model's agreement ``ρ``: good to shell ``n_agree``, poor (below the polish's
+    ``rho_min``) beyond."""
+    return torch.where(torch.arange(n_shells) <= n_agree, 0.9, 0.05).double()
 
 
 def test_applies_to_cyclic_and_dihedral_groups_only() -> None:
