@@ -149,7 +149,7 @@ def prepare_bands(volume: torch.Tensor, params: AlignParams) -> Bands:
     coarse = prepare_band(v, centre, params.low, coarse_high, mask_radius_px=radius)
     return Bands(
         coarse=coarse,
-        fine=prepare_band(v, centre, params.low, fine_high, True, radius),
+        fine=prepare_band(v, centre, params.low, fine_high, True, radius, smooth_whitening=True),
         centre_px=centre,
         tables=AngleTables(coarse),
         volume=v,

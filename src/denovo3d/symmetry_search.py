@@ -170,17 +170,31 @@ def remove_spherical_average(volume: torch.Tensor, centre_px: torch.Tensor) -> t
     return volume - (mean[j - 1] * (1 - w) + mean[j] * w).reshape(volume.shape)
 
 
-def shell_rms(ft: torch.Tensor) -> torch.Tensor:
-    """Root mean power of each integer shell, broadcast to the half grid ``(s, s, s//2+1)``."""
+def shell_rms(ft: torch.Tensor, smooth: bool = False) -> torch.Tensor:
+    """Root mean power of each integer shell, broadcast to the half grid ``(s, s, s//2+1)``.
+
+    ``smooth``: interpolated between the shells, linear in ``log`` power over ``|k|``, instead
+    of a staircase. Why: whitening by a staircase scales neighbouring grid points of different
+    shells unevenly, so the whitened transform no longer turns with the map, and a copy sampled
+    between grid points differs from the map even at the true axes. On an icosahedral phantom
+    (I trial 45 of the recovery benchmark, without noise and wedge, scored to shell 12) the
+    copies agreed at 0.70 at the true axes and the refinement left them 1.13° off; smooth, 0.997
+    and 0.01°."""
     s = ft.shape[-2]
-    shell = rfft_coords(s, ft.device).norm(dim=-1).round().long()
+    radius = rfft_coords(s, ft.device).norm(dim=-1)
+    shell = radius.round().long()
     power = ft.abs() ** 2
     total = torch.zeros(int(shell.max()) + 1, dtype=power.dtype, device=power.device)
     count = torch.zeros_like(total)
     total.index_add_(0, shell.flatten(), power.flatten())
     count.index_add_(0, shell.flatten(), torch.ones_like(power.flatten()))
-    mean = total / count.clamp(min=1)
-    return mean[shell].clamp(min=torch.finfo(power.dtype).tiny).sqrt()
+    mean = (total / count.clamp(min=1)).clamp(min=torch.finfo(power.dtype).tiny)
+    if not smooth:
+        return mean[shell].sqrt()
+    below = radius.floor().long().clamp(max=mean.numel() - 2)
+    t = (radius - below).to(power.dtype)
+    log_mean = mean.log()
+    return (0.5 * ((1 - t) * log_mean[below] + t * log_mean[below + 1])).exp()
 
 
 def prepare_band(
@@ -190,17 +204,19 @@ def prepare_band(
     high: float,
     with_power: bool = False,
     mask_radius_px: float | None = None,
+    smooth_whitening: bool = False,
 ) -> FourierBand:
     """Move ``centre_px`` (xyz offset from voxel s//2) of ``volume (s, s, s)`` to the centre, mask
-    with a soft sphere (of ``mask_radius_px``, default the largest in the box), whiten, keep the
-    frequencies up to ``high`` (Fourier crop to a small box) and pad for interpolation;
-    ``with_power`` adds the local power (:func:`pair_residuals`)."""
+    with a soft sphere (of ``mask_radius_px``, default the largest in the box), whiten (per
+    shell, or ``smooth_whitening``: see :func:`shell_rms`), keep the frequencies up to ``high``
+    (Fourier crop to a small box) and pad for interpolation; ``with_power`` adds the local power
+    (:func:`pair_residuals`)."""
     s = volume.shape[-1]
     k_full = rfft_coords(s, volume.device).to(volume.dtype)
     phase = 2 * torch.pi * (k_full @ centre_px.to(volume.dtype)) / s
     ft = centred_rfft(volume) * torch.polar(torch.ones_like(phase), phase)
     ft = centred_rfft(centred_irfft(ft, s) * spherical_mask(s, volume, radius_px=mask_radius_px))
-    rms = shell_rms(ft)
+    rms = shell_rms(ft, smooth_whitening)
     ft = ft / rms.clamp(min=1e-4 * float(rms.max()))
     b = min(s - s % 2, 2 * (math.ceil(high) + 2))
     small = centred_irfft(fourier_crop(ft, b), b) if b < s else centred_irfft(ft, s)
