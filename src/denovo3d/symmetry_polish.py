@@ -29,7 +29,7 @@ the cross-filtered copies allowed), and the prior weighs each shell by its signa
 ``ω² = ρ = SNR/(1+SNR)``, the agreement of the copies at the start, instead of a cut at
 ``ρ ≥ 2/3`` (to :attr:`PolishSettings.rho_min`, where ``ρ`` is small). On the recovery
 phantoms (trials 0-99) this took C2 from 97 to 100 within 1° (the correlation missed trials 54,
-56 and 69 by 1.03°, 2.8° and 1.33°; now 0.75°, 0.97°, 0.71°); C6 and C7 went from 100 to 99, D2
+56 and 69 by 1.03°, 2.8° and 1.33°; now 0.75°, 0.98°, 0.69°); C6 and C7 went from 100 to 99, D2
 and D7 stayed at 99, each missing trial 14, whose subunit sits near the centre: from the true axes
 both scores put C6 and C7 trial 14 1.1-1.6° off. Alignment costs a mean of 2.9-7.6 s of CPU
 per map for these groups (1.6-4.8 s before): the taper reaches further out than the cut.
