@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from denovo3d.fourier import centred_irfft, centred_rfft, fourier_crop, rfft_coords
+from denovo3d.fourier import centred_irfft, centred_rfft, fourier_crop, rfft_coords, rfft_radius
 from denovo3d.geometry.euler import euler_to_matrix, random_rotations
 from denovo3d.geometry.symmetry import PointGroup, _close, _rot, axis_rotation, default_pad
 
@@ -181,7 +181,7 @@ def shell_rms(ft: torch.Tensor, smooth: bool = False) -> torch.Tensor:
     residual score at the true axes was 0.70 (1 for equal copies) and its optimum 1.13° off;
     smooth, 0.997 and 0.01°."""
     s = ft.shape[-2]
-    radius = rfft_coords(s, ft.device).norm(dim=-1)
+    radius = rfft_radius(s, ft.device)
     shell = radius.round().long()
     power = ft.abs() ** 2
     total = torch.zeros(int(shell.max()) + 1, dtype=power.dtype, device=power.device)
