@@ -98,13 +98,17 @@ def detection(
             cpu = time.process_time() - cpu
             right[name].append(found.verdict == name)
             best = sorted(found.rows, key=lambda r: -r.significance)[:4]
-            table = " ".join(f"{r.group}:{r.score:.2f}/{r.significance:.1f}" for r in best)
+            table = " ".join(
+                f"{r.group}:{r.score:.2f}/{r.significance:.1f}/"
+                + ("-" if r.peak_agreement is None else f"{r.peak_agreement:.3f}")
+                for r in best
+            )
             flips = " ".join(
                 f"{r.group}:{r.flip_ratio:.2f}" for r in found.rows if r.flip_ratio is not None
             )
             print(
                 f"{name} trial {trial}: verdict {found.verdict} (runner-up {found.runner_up}, "
-                f"evidence {found.evidence:.1f}) {cpu:.0f} s CPU | score/significance {table}"
+                f"evidence {found.evidence:.1f}) {cpu:.0f} s CPU | score/significance/peak {table}"
                 f" | flip ratios {flips or '-'}",
                 flush=True,
             )

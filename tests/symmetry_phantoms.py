@@ -64,6 +64,23 @@ def phantom(
     return out.reshape(box, box, box)
 
 
+def degrade_filter(
+    box: int,
+    wedge_deg: float = 30.0,
+    wedge_keep: float = 0.5,
+    blur_px: float = 1.0,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """The Fourier filter ``(box, box, box//2+1)`` of :func:`degrade` (centred rfft layout)."""
+    k = rfft_coords(box).to(dtype)
+    kx, kz = k[..., 0], k[..., 2]
+    angle_from_z = torch.atan2(kx.abs(), kz.abs())  # 0 on the z axis
+    soft = torch.sigmoid((angle_from_z - math.radians(wedge_deg)) / math.radians(3.0))
+    wedge = wedge_keep + (1 - wedge_keep) * soft
+    radius2 = (k**2).sum(-1) / box**2
+    return wedge * torch.exp(-2 * math.pi**2 * blur_px**2 * radius2)
+
+
 def degrade(
     volume: torch.Tensor,
     seed: int,
@@ -76,15 +93,8 @@ def degrade(
     x-z plane kept at ``wedge_keep``, tilt axis y), an isotropic Gaussian blur of ``blur_px`` and
     white noise of ``noise_sd_rel`` times the standard deviation of the map inside its support."""
     s = volume.shape[-1]
-    ft = centred_rfft(volume)
-    k = rfft_coords(s).to(volume.dtype)
-    kx, kz = k[..., 0], k[..., 2]
-    angle_from_z = torch.atan2(kx.abs(), kz.abs())  # 0 on the z axis
-    soft = torch.sigmoid((angle_from_z - math.radians(wedge_deg)) / math.radians(3.0))
-    wedge = wedge_keep + (1 - wedge_keep) * soft
-    radius2 = (k**2).sum(-1) / s**2
-    blur = torch.exp(-2 * math.pi**2 * blur_px**2 * radius2)
-    out = centred_irfft(ft * wedge * blur, s)
+    filt = degrade_filter(s, wedge_deg, wedge_keep, blur_px, volume.dtype)
+    out = centred_irfft(centred_rfft(volume) * filt, s)
     gen = torch.Generator().manual_seed(seed)
     support = volume > 0.05 * volume.max()
     sd = float(volume[support].std())

@@ -29,11 +29,13 @@ from denovo3d.symmetry_align import (
 from denovo3d.symmetry_search import (
     local_power,
     operator_pairs,
+    operator_shell_correlations,
     orientation_error_deg,
     pair_correlations,
     pair_residuals,
     prepare_band,
     remove_spherical_average,
+    shell_correlations,
     spherical_mask,
     turn_excess,
 )
@@ -166,6 +168,7 @@ def test_cli_detect_symmetry(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyP
     assert list(blocks["symmetry_detection"]["denovoGroup"]) == ["C3", "C2"]
     # the flip test is run for Dn only: none here (-1)
     assert (blocks["symmetry_detection"]["denovoGroupFlipRatio"] == -1).all()
+    assert (blocks["symmetry_detection"]["denovoGroupPeakAgreement"] > 0.5).all()
 
 
 def test_subgroups_are_subgroups() -> None:
@@ -319,6 +322,13 @@ def test_detection_verdict_rules() -> None:
     good = dataclasses.replace(d7, flip_ratio=1.1)
     found = decide([rows[0], good, rows[2]], -0.1, 0.2)
     assert found.verdict == "D7" and "1.10" in found.table()
+    # an asymmetric map shaped like a D2 one (recovery asymmetric trial 11): its three 2-folds
+    # agree well enough together, but no shell of any of them agrees within the noise: C1
+    d2 = dataclasses.replace(ev("D2", 0.65, 10.8), peak_agreement=0.942)
+    c2 = dataclasses.replace(ev("C2", 0.68, 6.5), peak_agreement=0.969)
+    assert decide([d2, c2], 0.0, 0.1).verdict == "C1"
+    sharp = [dataclasses.replace(d2, peak_agreement=0.99), c2]
+    assert decide(sharp, 0.0, 0.1).verdict == "D2" and "0.990" in decide(sharp, 0.0, 0.1).table()
 
 
 def test_detection_band_follows_the_particle_when_binned() -> None:
@@ -386,3 +396,33 @@ def test_smooth_whitening_keeps_a_turned_symmetric_map_equal_to_its_copies() -> 
     h = (truth @ ops @ truth.T).float()
     band = prepare_band(volume, shift.float(), 2.0, 12.0, smooth_whitening=True)
     assert 1 - float(pair_correlations(band, h).min()) < 4e-4
+
+
+def test_operator_shell_correlations_are_each_operators_own() -> None:
+    clean, truth, shift = recovery_clean("D2", 3)
+    volume = degrade(clean, seed=3).float()
+    ops, _ = operator_pairs(point_group("D2"))
+    h = (truth @ ops @ truth.T).float()
+    band = prepare_band(volume, shift.float(), 2.0, 12.0)
+    each = operator_shell_correlations(band, h)
+    assert each.shape == (h.shape[0], 13)
+    for i in range(h.shape[0]):
+        torch.testing.assert_close(each[i, 2:], shell_correlations(band, h[i : i + 1])[2:])
+    # the true axes: the copies agree within the noise on the best-resolved shells
+    assert float(each[:, 5:].amax(1).amin()) > 0.99
+
+
+def test_detection_calls_an_asymmetric_map_shaped_like_d2_c1() -> None:
+    """Recovery asymmetric trial 11, called D2 before the peak agreement: an elongated cluster
+    whose three 2-folds agree 0.65 on the detection band, significant together (10.8), but whose
+    copies nowhere agree better than 0.94 on one shell, where a true D2's reach 0.998."""
+    from tests.symmetry_phantoms import PARTICLE_DIAMETER_PX, recovery_trial
+
+    volume, _ = recovery_trial("C1", 11)
+    params = AlignParams(seed=11, mask_diameter_px=PARTICLE_DIAMETER_PX)
+    found = detect_symmetry(volume, ("C2", "D2"), params)
+    d2 = next(r for r in found.rows if r.group == "D2")
+    assert d2.score >= symmetry_align.DETECT_ACCEPT, found.table()
+    assert d2.significance >= symmetry_align.DETECT_MIN_SIGNIFICANCE, found.table()
+    assert d2.peak_agreement is not None and d2.peak_agreement < 0.96, found.table()
+    assert found.verdict == "C1" and found.runner_up == "D2", found.table()

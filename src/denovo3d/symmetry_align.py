@@ -29,6 +29,7 @@ from denovo3d.symmetry_search import (
     maximise_turn,
     normaliser,
     operator_pairs,
+    operator_shell_correlations,
     orientation_error_deg,
     pair_correlations,
     pair_residuals,
@@ -370,13 +371,17 @@ class GroupEvidence:
     of an asymmetric map can agree by chance, all of an octahedron's 16 pairs cannot).
     ``flip_ratio`` (Dn whose Cn holds, else None): how much more the map disagrees with its
     copies by the flips of Dn than by the turns of Cn, about the Cn axis
-    (:mod:`~denovo3d.symmetry_flips`): about 1 where the flips are symmetries too."""
+    (:mod:`~denovo3d.symmetry_flips`): about 1 where the flips are symmetries too.
+    ``peak_agreement`` (None where not measured): the least, over the group's operators, of the
+    best agreement ``ρ`` of the map with the operator's copy on any one shell from
+    :data:`PEAK_LOW` cycles per box up (:func:`peak_agreement`)."""
 
     group: str
     order: int
     score: float
     significance: float
     flip_ratio: float | None = None
+    peak_agreement: float | None = None
 
 
 @dataclass(frozen=True)
@@ -397,11 +402,15 @@ class Detection:
     also_holds: str | None = None
 
     def table(self) -> str:
-        lines = [f"{'group':>6} {'order':>5} {'score':>7} {'significance':>12} {'flips':>6}"]
+        lines = [
+            f"{'group':>6} {'order':>5} {'score':>7} {'significance':>12} {'flips':>6} {'peak':>6}"
+        ]
         for r in self.rows:
             flips = "-" if r.flip_ratio is None else f"{r.flip_ratio:.2f}"
+            peak = "-" if r.peak_agreement is None else f"{r.peak_agreement:.3f}"
             lines.append(
                 f"{r.group:>6} {r.order:>5} {r.score:>7.4f} {r.significance:>12.2f} {flips:>6}"
+                f" {peak:>6}"
             )
         lines.append(
             f"random turns: excess {self.null:.4f} +- {self.null_sd:.4f}; "
@@ -434,6 +443,34 @@ DETECT_MIN_RATIO = 0.8
 # 2.1), checked on trials 20-39 (true D at most 1.56; rings but trial 33's, 1.50 and 1.70, at
 # least 2.8): docs/architecture.md, "Symmetry detection"
 DETECT_MAX_FLIP_RATIO = 2.0
+# set on trials 0-4 of the 8 groups (true groups at least 0.992; 0.975 with twice the noise,
+# trials 0-2) and asymmetric 0-19 (the chance C2 and D2 of the subunit at most 0.977 and 0.956;
+# asymmetric 11's D2, the one called before, 0.942), checked on asymmetric 20-39 (C2 and D2 at
+# most 0.977 and 0.968): docs/architecture.md, "Symmetry detection"
+DETECT_MIN_PEAK_AGREEMENT = 0.97
+PEAK_LOW = 5.0  # cycles per box of the working box 64 (AlignParams.box_size)
+
+
+def peak_agreement(
+    band: FourierBand, group: PointGroup, rotation: torch.Tensor, shift: torch.Tensor, low: float
+) -> float | None:
+    """How closely every element of ``group`` (on the axes ``rotation``, centre ``shift``) can
+    match the map: the least, over the elements, of the best shell's agreement ``ρ`` from
+    ``low`` cycles up on ``band`` (the refinement's band: whitened, spherical average kept);
+    None where the band has no shell there.
+
+    Why: a true symmetry's copies differ by noise alone, so at the best-resolved shells they
+    agree to within a percent or two; an asymmetric map that resembles a symmetric shape (an
+    elongated cluster of subunits looks D2 at low resolution) agrees well at every shell, but
+    nowhere that well: its copies differ in the subunits' own structure."""
+    pairs, _ = operator_pairs(group)
+    r = rotation.to(torch.float64)
+    h = (r.T @ pairs.to(r) @ r).to(band.coords.dtype)
+    rho = operator_shell_correlations(band, h, shift.to(band.coords.dtype))
+    first = math.ceil(low)
+    if rho.shape[1] <= first:
+        return None
+    return float(rho[:, first:].amax(1).amin())
 
 
 def detection_band(
@@ -460,6 +497,7 @@ def detect_symmetry(
     min_ratio: float = DETECT_MIN_RATIO,
     bands: Bands | None = None,
     max_flip_ratio: float = DETECT_MAX_FLIP_RATIO,
+    min_peak: float = DETECT_MIN_PEAK_AGREEMENT,
 ) -> Detection:
     """Rank point groups by how well ``volume (s, s, s)`` agrees with its symmetry copies.
 
@@ -470,7 +508,10 @@ def detect_symmetry(
     among the candidates (Cn in Dn, T in O, ...) scores at least ``accept``, and at most
     ``1/min_ratio`` times its own score; for Dn, whose flips a ring of Cn subunits matches in
     part, the flips also disagree at most ``max_flip_ratio`` times as much as the turns about
-    the Cn axis (:func:`~denovo3d.symmetry_flips.dihedral_flips`). The verdict is the largest
+    the Cn axis (:func:`~denovo3d.symmetry_flips.dihedral_flips`); and each element's copy
+    agrees at least ``min_peak`` on some shell of the refinement's band (:func:`peak_agreement`:
+    an asymmetric map shaped like a symmetric one agrees at every shell, but none that well).
+    The verdict is the largest
     group that holds, the runner-up the most significant other group that is not one of its
     subgroups; when none holds, C1, naming the most significant group as runner-up.
     """
@@ -498,7 +539,11 @@ def detect_symmetry(
             if quantile > score:
                 score, aligned[name] = quantile, (r, shift)
         z = (score - null) / null_sd * math.sqrt(pairs.shape[0])
-        rows.append(GroupEvidence(name, g.order, score, z))
+        peak = None
+        if name in aligned:
+            low = PEAK_LOW * params.box_size / 64
+            peak = peak_agreement(bands.fine, g, *aligned[name], low)
+        rows.append(GroupEvidence(name, g.order, score, z, peak_agreement=peak))
     scores = {r.group: r.score for r in rows}
     for i, row in enumerate(rows):
         half = _dihedral_half(row.group)
@@ -506,7 +551,9 @@ def detect_symmetry(
         if half in aligned and scores[half] >= accept:
             flips = dihedral_flips(band, *aligned[half], int(half[1:]))
             rows[i] = replace(row, flip_ratio=flips.ratio)
-    return decide(rows, null, null_sd, accept, min_significance, min_ratio, max_flip_ratio)
+    return decide(
+        rows, null, null_sd, accept, min_significance, min_ratio, max_flip_ratio, min_peak
+    )
 
 
 def _dihedral_half(name: str) -> str | None:
@@ -522,6 +569,7 @@ def decide(
     min_significance: float = DETECT_MIN_SIGNIFICANCE,
     min_ratio: float = DETECT_MIN_RATIO,
     max_flip_ratio: float = DETECT_MAX_FLIP_RATIO,
+    min_peak: float = DETECT_MIN_PEAK_AGREEMENT,
 ) -> Detection:
     """The verdict of :func:`detect_symmetry` from its candidates' evidence ``rows``."""
     scores = {r.group: r.score for r in rows}
@@ -545,6 +593,7 @@ def decide(
         for r in rows
         if r.score >= accept
         and r.significance >= min_significance
+        and (r.peak_agreement is None or r.peak_agreement >= min_peak)
         and builds_on_its_halves(r.group)
     }
     ranked = sorted(rows, key=lambda e: (e.group in chosen, e.order, e.significance), reverse=True)

@@ -31,6 +31,7 @@ __all__ = [
     "normaliser",
     "operator_directions",
     "operator_pairs",
+    "operator_shell_correlations",
     "orientation_error_deg",
     "pair_correlations",
     "pair_residuals",
@@ -353,6 +354,18 @@ def shell_correlations(
     n = int(band.shells.max()) + 1
     num_s = torch.zeros(n, dtype=num.dtype).index_add_(0, band.shells, num.sum(0))
     den_s = torch.zeros(n, dtype=num.dtype).index_add_(0, band.shells, den.sum(0))
+    return num_s / den_s.clamp(min=torch.finfo(num.dtype).tiny)
+
+
+def operator_shell_correlations(
+    band: FourierBand, h: torch.Tensor, shift_px: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``ρ`` per operator and shell: ``h (g, 3, 3)`` -> ``(g, n_shells)`` (0 for shells outside
+    the band)."""
+    num, den = _pair_terms(band, h, shift_px)
+    n = int(band.shells.max()) + 1
+    num_s = num.new_zeros(h.shape[0], n).index_add_(1, band.shells, num)
+    den_s = den.new_zeros(h.shape[0], n).index_add_(1, band.shells, den)
     return num_s / den_s.clamp(min=torch.finfo(num.dtype).tiny)
 
 

@@ -8,7 +8,9 @@ significance that score in standard deviations of randomly turned copies' excess
 square root of its number of elements. The verdict is the largest group that holds (score >=
 0.45, significance >= 7.8, its index-2 subgroups, e.g. Cn for Dn, scoring >= 0.45 and at most
 1.25 times its score; for Dn, its 2-fold flips disagreeing with the map at most 2 times as much
-as the turns of Cn about Cn's axis: the `flips` column); otherwise C1, with the runner-up named.
+as the turns of Cn about Cn's axis: the `flips` column; every element's copy agreeing with the
+map at least 0.97 on some shell from 5 cycles per box up, where a true symmetry's copies differ
+by noise alone: the `peak` column); otherwise C1, with the runner-up named.
 A verdict Dn whose Cn holds too comes with a note: Dn adds only the flips, which a ring of Cn
 subunits matches in part, so compare the two symmetrised maps where the map has finer detail.
 

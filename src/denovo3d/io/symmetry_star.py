@@ -16,7 +16,9 @@ Blocks (read by ``denovo3d report``, which shows them as the symmetry scores tab
 - ``symmetry_operators``: per non-identity operator of the group (standard orientation), its
   turn angle, direction and the map's correlation with its copy under it.
 - ``symmetry_detection``: per candidate group, order, score and significance (when detection ran),
-  and for Dn whose Cn holds the flip test's ratio ``denovoGroupFlipRatio`` (-1 where not run).
+  for Dn whose Cn holds the flip test's ratio ``denovoGroupFlipRatio`` (-1 where not run), and
+  the least over the group's elements of their best shell's agreement
+  ``denovoGroupPeakAgreement`` (-1 where not measured).
 """
 
 from __future__ import annotations
@@ -100,6 +102,9 @@ def write_symmetry_star(
                 # -1 where the flip test was not run (not Dn, or its Cn does not hold)
                 "denovoGroupFlipRatio": [
                     -1.0 if r.flip_ratio is None else r.flip_ratio for r in detection.rows
+                ],
+                "denovoGroupPeakAgreement": [
+                    -1.0 if r.peak_agreement is None else r.peak_agreement for r in detection.rows
                 ],
             }
         )
