@@ -56,6 +56,7 @@ __all__ = [
     "decide",
     "detect_symmetry",
     "detection_band",
+    "peak_agreement",
     "prepare_bands",
     "subgroups",
 ]
@@ -445,8 +446,8 @@ DETECT_MIN_RATIO = 0.8
 DETECT_MAX_FLIP_RATIO = 2.0
 # set on trials 0-4 of the 8 groups (true groups at least 0.992; 0.975 with twice the noise,
 # trials 0-2) and asymmetric 0-19 (the chance C2 and D2 of the subunit at most 0.977 and 0.956;
-# asymmetric 11's D2, the one called before, 0.942), checked on asymmetric 20-39 (C2 and D2 at
-# most 0.977 and 0.968): docs/architecture.md, "Symmetry detection"
+# asymmetric 11's D2, the one called before, 0.942), checked on trials 5-9 (0.992-1.000) and
+# asymmetric 20-39 (C2 and D2 at most 0.977 and 0.968): docs/architecture.md, "Symmetry detection"
 DETECT_MIN_PEAK_AGREEMENT = 0.97
 PEAK_LOW = 5.0  # cycles per box of the working box 64 (AlignParams.box_size)
 
@@ -511,9 +512,9 @@ def detect_symmetry(
     the Cn axis (:func:`~denovo3d.symmetry_flips.dihedral_flips`); and each element's copy
     agrees at least ``min_peak`` on some shell of the refinement's band (:func:`peak_agreement`:
     an asymmetric map shaped like a symmetric one agrees at every shell, but none that well).
-    The verdict is the largest
-    group that holds, the runner-up the most significant other group that is not one of its
-    subgroups; when none holds, C1, naming the most significant group as runner-up.
+    The verdict is the largest group that holds, the runner-up the most significant other group
+    that is not one of its subgroups; when none holds, C1, naming the most significant group as
+    runner-up.
     """
     params = params or AlignParams()
     candidates = CANDIDATES if candidates is None else candidates
