@@ -528,6 +528,7 @@ def detect_symmetry(
     null_sd = max(1.4826 * float((null_excess - null).abs().median()), 1e-3)
     rows = []
     aligned: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    peak_low = PEAK_LOW * params.box_size / 64
     for name in candidates:
         g = point_group(name)
         pairs, _ = operator_pairs(g)
@@ -542,8 +543,7 @@ def detect_symmetry(
         z = (score - null) / null_sd * math.sqrt(pairs.shape[0])
         peak = None
         if name in aligned:
-            low = PEAK_LOW * params.box_size / 64
-            peak = peak_agreement(bands.fine, g, *aligned[name], low)
+            peak = peak_agreement(bands.fine, g, *aligned[name], peak_low)
         rows.append(GroupEvidence(name, g.order, score, z, peak_agreement=peak))
     scores = {r.group: r.score for r in rows}
     for i, row in enumerate(rows):
